@@ -1,0 +1,152 @@
+"""Core CLI sub-commands, registered through the same ``register_commands`` hook as any plugin:
+``train``, ``evaluate``, ``md``, ``plugins`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ._specs import CommandSpec, PluginKind
+from .hookspecs import hookimpl
+from .registry import Registry
+
+Runner = Callable[[argparse.Namespace, Registry], int]
+
+
+def _train(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("config", type=Path, help="YAML config (see docs/config.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.lr=0.002 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        from .config import load_config
+        from .workflow import train
+
+        outcome = train(load_config(args.config, args.overrides), registry, resume=args.resume,
+                        verbose=not args.quiet)
+        print(json.dumps({"model": str(outcome.model_path), **outcome.test_metrics}, indent=2))
+        return 0
+
+    return run
+
+
+def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:
+    rows = [f"{name}  ({n} structures)"]
+    units = {"energy": "meV/atom", "forces": "meV/Å", "stress": "meV/Å³"}
+    for prefix, unit in units.items():
+        if f"{prefix}_mae" in metrics:
+            rows.append(f"  {prefix:<7} MAE {metrics[prefix + '_mae']:10.3f}  RMSE "
+                        f"{metrics[prefix + '_rmse']:10.3f}  {unit}")
+    if len(rows) == 1:
+        rows.append("  (no labels to compare against)")
+    return "\n".join(rows)
+
+
+def _evaluate(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("model", type=Path, help="model file (model.pt)")
+    parser.add_argument("data", nargs="+", type=Path, help="labelled structure files")
+    parser.add_argument("--source", default="ase", help="data-source plugin used to read DATA")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        from .evaluate import evaluate
+        from .modelfile import load_model
+
+        model = load_model(args.model, registry=registry)
+        reader = registry.get(PluginKind.DATA_SOURCE, args.source).factory
+        report = {}
+        for path in args.data:
+            structures = reader({"path": str(path)}, Path.cwd())
+            report[str(path)] = {"n_structures": len(structures),
+                                 **evaluate(model, structures, batch_size=args.batch_size).metrics()}
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            for name, metrics in report.items():
+                print(_format_metrics(name, int(metrics.pop("n_structures")), metrics))
+        return 0
+
+    return run
+
+
+def _md(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("model", type=Path)
+    parser.add_argument("structure", type=Path, help="starting structure (any ase.io format)")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--temperature", type=float, required=True, help="K")
+    parser.add_argument("--ensemble", choices=("nve", "nvt"), default="nvt")
+    parser.add_argument("--timestep", type=float, default=1.0, help="fs")
+    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--out", type=Path, default=Path("traj.extxyz"))
+    parser.add_argument("--interval", type=int, default=10, help="write every N-th step")
+    parser.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        from dataclasses import asdict
+
+        import ase.io
+
+        from .calculator import load_calculator
+        from .md import run_md
+
+        atoms = ase.io.read(args.structure, index=-1)
+        summary = run_md(atoms, load_calculator(args.model, registry=registry), steps=args.steps,
+                         temperature=args.temperature, ensemble=args.ensemble,
+                         timestep_fs=args.timestep, friction_per_fs=args.friction, out=args.out,
+                         interval=args.interval, seed=args.seed)
+        print(json.dumps({"trajectory": str(args.out), **asdict(summary)}, indent=2))
+        return 0
+
+    return run
+
+
+def _plugins(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("--json", action="store_true")
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        listing = {kind.value: [{"name": p.spec.name, "distribution": p.distribution, "plugin": p.plugin,
+                                 "description": p.spec.description} for p in registry.entries(kind)]
+                   for kind in PluginKind}
+        if args.json:
+            print(json.dumps({"plugins": listing, "failures": [f.__dict__ for f in registry.failures]}, indent=2))
+            return 0
+        for kind, items in listing.items():
+            print(f"{kind}:")
+            for item in items or [{"name": "(none)", "distribution": "", "description": ""}]:
+                dist = f"[{item['distribution']}]" if item["distribution"] else ""
+                print(f"  {item['name']:<16} {dist:<18} {item['description']}")
+        for failure in registry.failures:
+            print(f"FAILED plugin {failure.plugin!r} ({failure.distribution}): {failure.error}")
+        return 0
+
+    return run
+
+
+def _demo(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    parser.add_argument("--quick", action="store_true", help="tiny data and model (≈1 minute)")
+    parser.add_argument("--tracking", default="mlflow", help="tracker plugin (mlflow | none)")
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        from .demo import run_demo
+
+        run_demo(registry, args.out, quick=args.quick, tracking=args.tracking)
+        return 0
+
+    return run
+
+
+@hookimpl
+def register_commands(register) -> None:  # noqa: ANN001
+    register(CommandSpec("train", _train, "train a model from a YAML config", help="train from YAML"))
+    register(CommandSpec("evaluate", _evaluate, "errors of a model on labelled data", help="evaluate a model"))
+    register(CommandSpec("md", _md, "molecular dynamics with a model (ASE)", help="run MD"))
+    register(CommandSpec("plugins", _plugins, "list registered plugins by kind", help="list plugins"))
+    register(CommandSpec("demo", _demo, "main job: EMT-labelled Cu → train → evaluate → MD, tracked in MLflow",
+                         help="run the end-to-end demo"))

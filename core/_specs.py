@@ -1,0 +1,130 @@
+"""Typed, frozen records that plugins hand to the registry, one kind per extension point."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = [
+    "PluginKind",
+    "BackboneSpec",
+    "LossSpec",
+    "DataSourceSpec",
+    "UQHeadSpec",
+    "OracleSpec",
+    "ExplorerSpec",
+    "SelectorSpec",
+    "TrackerSpec",
+    "EngineSpec",
+    "CommandSpec",
+    "Spec",
+]
+
+
+class PluginKind(str, enum.Enum):
+    """The extension points; the value is the registry's (and config's) plural name."""
+
+    BACKBONE = "backbones"
+    LOSS = "losses"
+    DATA_SOURCE = "data_sources"
+    UQ_HEAD = "uq_heads"
+    ORACLE = "oracles"
+    EXPLORER = "explorers"
+    SELECTOR = "selectors"
+    TRACKER = "trackers"
+    ENGINE = "engines"
+    COMMAND = "commands"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str  # registry name used in config files
+    factory: Callable[..., Any]  # builds the plugin's object; signature per kind, see below
+    description: str = ""  # one line shown by ``atomforge plugins``
+
+    kind: PluginKind = PluginKind.BACKBONE  # overridden by each subclass
+
+
+@dataclass(frozen=True)
+class BackboneSpec(_Spec):
+    """A model architecture.
+
+    ``factory(*, num_elements: int, cutoff: float, **options) -> atomforge.Backbone``.
+    ``equivariant`` declares whether outputs are rotation-equivariant *by construction*; the
+    conformance kit only demands rotation checks from backbones that declare it.
+    """
+
+    equivariant: bool = True
+    kind: PluginKind = PluginKind.BACKBONE
+
+
+@dataclass(frozen=True)
+class LossSpec(_Spec):
+    """A loss term. ``factory(**options) -> atomforge.LossTerm``."""
+
+    kind: PluginKind = PluginKind.LOSS
+
+
+@dataclass(frozen=True)
+class DataSourceSpec(_Spec):
+    """A data source. ``factory(options: dict, base_dir: Path) -> list[ase.Atoms]`` (labelled)."""
+
+    kind: PluginKind = PluginKind.DATA_SOURCE
+
+
+@dataclass(frozen=True)
+class UQHeadSpec(_Spec):
+    """An uncertainty head. ``factory(potential, **options) -> nn.Module`` returning mean and std."""
+
+    kind: PluginKind = PluginKind.UQ_HEAD
+
+
+@dataclass(frozen=True)
+class OracleSpec(_Spec):
+    """A label oracle. ``factory(**options) -> atomforge.Oracle`` (labels ``ase.Atoms``)."""
+
+    kind: PluginKind = PluginKind.ORACLE
+
+
+@dataclass(frozen=True)
+class ExplorerSpec(_Spec):
+    """An explorer. ``factory(**options)`` -> object proposing candidate configurations."""
+
+    kind: PluginKind = PluginKind.EXPLORER
+
+
+@dataclass(frozen=True)
+class SelectorSpec(_Spec):
+    """A selector. ``factory(**options)`` -> object picking candidates to label."""
+
+    kind: PluginKind = PluginKind.SELECTOR
+
+
+@dataclass(frozen=True)
+class TrackerSpec(_Spec):
+    """An experiment tracker. ``factory(*, run_dir: Path, **options) -> atomforge.Tracker``."""
+
+    kind: PluginKind = PluginKind.TRACKER
+
+
+@dataclass(frozen=True)
+class EngineSpec(_Spec):
+    """A training engine. ``factory(*, model, loss, optimizer, callbacks, settings) -> Engine``."""
+
+    kind: PluginKind = PluginKind.ENGINE
+
+
+@dataclass(frozen=True)
+class CommandSpec(_Spec):
+    """A CLI sub-command.
+
+    ``factory(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Registry], int]``:
+    the factory adds the command's arguments to ``parser`` and returns the function that runs it.
+    """
+
+    help: str = ""
+    kind: PluginKind = PluginKind.COMMAND
+
+
+Spec = _Spec

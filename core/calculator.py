@@ -1,0 +1,87 @@
+"""ASE calculator: a thin adapter from ``ase.Atoms`` to a :class:`Potential`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from . import keys as K
+from .data import check_geometry
+from .graph import atoms_to_graph, collate
+from .potential import Potential
+
+__all__ = ["AtomforgeCalculator", "load_calculator"]
+
+
+class AtomforgeCalculator(Calculator):
+    """Energy, free energy, forces and (for 3D-periodic cells) stress from an atomforge model.
+
+    The calculator works on its own copy of the model with parameter gradients switched off, so
+    that autograd only tracks positions and strain.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: Potential,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        model = copy.deepcopy(model).eval()
+        if dtype is not None:
+            model = model.to(dtype)
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.dtype = _float_dtype(self.model)
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: list[str] | None = None,
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties or ["energy"], system_changes)
+        check_geometry(self.atoms)
+        graph = atoms_to_graph(self.atoms, self.model.cutoff, dtype=self.dtype)
+        batch = {k: v.to(self.device) for k, v in collate([graph]).items()}
+        want_stress = bool(np.all(self.atoms.pbc))
+        out = self.model(batch, compute_forces=True, compute_stress=want_stress)
+        energy = float(out[K.ENERGY].detach().cpu()[0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out[K.NODE_ENERGY].detach().cpu().double().numpy(),
+            "forces": out[K.FORCES].detach().cpu().double().numpy(),
+        }
+        if want_stress:
+            stress = out[K.STRESS].detach().cpu().double().numpy()[0]
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.get_default_dtype()
+
+
+def load_calculator(
+    path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, registry: Any = None
+) -> AtomforgeCalculator:
+    """An ASE calculator for the model file at ``path``."""
+    from .modelfile import load_model
+
+    return AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype)

@@ -1,0 +1,49 @@
+"""The ``atomforge`` command line: sub-commands come from the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ._errors import AtomforgeError
+from ._specs import PluginKind
+from .registry import Registry, make_registry
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The argument parser with one sub-parser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="atomforge", description="Machine-learned interatomic potentials: train, evaluate, run MD."
+    )
+    parser.add_argument("--strict-plugins", action="store_true",
+                        help="fail on a broken plugin instead of warning")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    runners: dict[str, object] = {}
+    for provided in registry.entries(PluginKind.COMMAND):
+        spec = provided.spec
+        command_parser = sub.add_parser(spec.name, help=spec.help or spec.description,
+                                        description=spec.description)
+        runners[spec.name] = spec.factory(command_parser)
+    return parser, runners
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        registry = make_registry(strict="--strict-plugins" in argv)
+        parser, runners = build_parser(registry)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return int(runners[args.command](args, registry) or 0)  # type: ignore[operator]
+    except AtomforgeError as error:
+        print(f"atomforge: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atomforge: interrupted", file=sys.stderr)
+        return 130

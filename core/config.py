@@ -1,0 +1,295 @@
+"""Typed run configuration: YAML in, ``--set a.b=c`` overrides, dataclasses out.
+
+Relative paths resolve against the config file's folder. Unknown keys are errors that list the
+valid ones. The resolved config (:meth:`RunConfig.to_dict`) is echoed whole into the tracker.
+See ``docs/config.md`` for the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from ._errors import ConfigError
+
+__all__ = [
+    "SourceConfig",
+    "DataConfig",
+    "ModelConfig",
+    "LossTermConfig",
+    "SchedulerConfig",
+    "TrainingConfig",
+    "TrackingConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "parse_duration",
+]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A data-source plugin name and its options (``path`` resolved to an absolute path)."""
+
+    source: str = "ase"  # registry name of the data-source plugin
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the plugin
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: SourceConfig  # training structures
+    valid: SourceConfig | None = None  # validation structures; else split off ``train``
+    valid_fraction: float = 0.1  # fraction of ``train`` held out when ``valid`` is absent
+    test: SourceConfig | None = None  # optional test structures, evaluated after training
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "painn"  # registry name of the backbone plugin
+    cutoff: float = 5.0  # neighbour cutoff, Å
+    dtype: str = "float32"  # float32 | float64
+    options: dict[str, Any] = field(default_factory=dict)  # other keys: the backbone's options
+
+
+@dataclass(frozen=True)
+class LossTermConfig:
+    name: str  # registry name of the loss plugin
+    weight: float = 1.0  # multiplies the term
+    options: dict[str, Any] = field(default_factory=dict)  # other keys: the plugin's options
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "plateau"  # plateau | cosine | exponential | none
+    factor: float = 0.5  # plateau: LR multiplier on a plateau
+    patience: int = 10  # plateau: epochs without improvement before reducing
+    min_lr: float = 1e-6  # lower bound of the LR
+    gamma: float = 0.99  # exponential: LR multiplier per epoch
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    engine: str = "torch"  # registry name of the training engine
+    max_epochs: int = 100  # hard limit on epochs
+    max_time: float | None = None  # wall-clock limit in s; YAML may say "15m", "1h30m", "90s"
+    batch_size: int = 8  # structures per step
+    valid_batch_size: int = 32  # structures per validation step
+    lr: float = 1e-3  # initial learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay (not on biases/embeddings)
+    seed: int = 0  # seeds initialisation, the validation split and shuffling
+    grad_clip: float | None = 10.0  # max gradient norm; null disables
+    ema_decay: float | None = 0.99  # EMA decay of weights; null disables
+    patience: int | None = None  # early stopping patience in epochs; null disables
+    num_threads: int | None = None  # torch intra-op threads; null keeps torch's default
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    name: str = "mlflow"  # registry name of the tracker: mlflow | none
+    experiment: str = "atomforge"  # experiment name
+    run_name: str | None = None  # run name; default: the output folder's name
+    options: dict[str, Any] = field(default_factory=dict)  # other keys: the tracker's options
+
+
+DEFAULT_LOSS = (LossTermConfig("energy", 1.0), LossTermConfig("forces", 10.0))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: tuple[LossTermConfig, ...] = DEFAULT_LOSS
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: Path = Path("runs/train")  # run directory (resolved against the config file)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data (inverse of :func:`config_from_dict`)."""
+        return _plain(self)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = _plain(getattr(obj, f.name))
+            if f.name == "options" and isinstance(value, dict):
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or a string such as ``"15m"``, ``"1h30m"``, ``"90s"``, ``"45"``."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match or not any(match.groups()):
+        raise ConfigError(f"training.max_time: expected seconds or e.g. '15m', '1h30m'; got {value!r}")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + s
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; valid keys: {sorted(allowed)}"
+        )
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def _resolve_path(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_resolve_path(v, base_dir) for v in value]
+    path = Path(str(value)).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _source(value: Any, base_dir: Path, where: str) -> SourceConfig | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        value = {"source": "ase", "path": str(value)}
+    options = _mapping(value, where)
+    name = str(options.pop("source", "ase"))
+    for key in ("path", "paths"):
+        if key in options:
+            options[key] = _resolve_path(options[key], base_dir)
+    return SourceConfig(name, options)
+
+
+def _fields_of(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+
+
+def _simple(cls: type, data: Mapping[str, Any], where: str, *, open_options: bool = False) -> Any:
+    data = dict(data)
+    names = _fields_of(cls)
+    if open_options:
+        known = {k: data.pop(k) for k in list(data) if k in names}
+        return cls(**known, options=data)
+    _check_keys(data, names, where)
+    return cls(**data)
+
+
+def _training(data: Mapping[str, Any]) -> TrainingConfig:
+    data = _mapping(data, "training")
+    _check_keys(data, _fields_of(TrainingConfig), "training")
+    scheduler = data.pop("scheduler", None)
+    if isinstance(scheduler, str):
+        scheduler = {"name": scheduler}
+    data["max_time"] = parse_duration(data.get("max_time"))
+    config = TrainingConfig(**data, scheduler=_simple(SchedulerConfig, _mapping(scheduler, "training.scheduler"), "training.scheduler"))
+    if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:
+        raise ConfigError(
+            "training: batch_size must be ≥ 1, max_epochs ≥ 0 and lr > 0; "
+            f"got batch_size={config.batch_size}, max_epochs={config.max_epochs}, lr={config.lr}"
+        )
+    return config
+
+
+def _loss(value: Any) -> tuple[LossTermConfig, ...]:
+    if value is None:
+        return DEFAULT_LOSS
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"loss: expected a non-empty list of {{name: ..., weight: ...}}, got {value!r}")
+    terms = []
+    for k, item in enumerate(value):
+        item = {"name": item} if isinstance(item, str) else _mapping(item, f"loss[{k}]")
+        if "name" not in item:
+            raise ConfigError(f"loss[{k}]: missing 'name' (a loss plugin such as energy, forces)")
+        terms.append(_simple(LossTermConfig, item, f"loss[{k}]", open_options=True))
+    return tuple(terms)
+
+
+_TOP = ("data", "model", "loss", "training", "output", "tracking")
+
+
+def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunConfig:
+    """Build a :class:`RunConfig` from plain data; relative paths resolve against ``base_dir``."""
+    base_dir = Path(base_dir).resolve()
+    raw = _mapping(raw, "config")
+    _check_keys(raw, _TOP, "config")
+    data = _mapping(raw.get("data"), "data")
+    _check_keys(data, ("train", "valid", "valid_fraction", "test"), "data")
+    if "train" not in data:
+        raise ConfigError("data.train is required: a file path or {source: NAME, ...}")
+    data_config = DataConfig(
+        train=_source(data["train"], base_dir, "data.train"),  # type: ignore[arg-type]
+        valid=_source(data.get("valid"), base_dir, "data.valid"),
+        valid_fraction=float(data.get("valid_fraction", 0.1)),
+        test=_source(data.get("test"), base_dir, "data.test"),
+    )
+    if not 0.0 < data_config.valid_fraction < 1.0 and data_config.valid is None:
+        raise ConfigError(f"data.valid_fraction must be in (0, 1); got {data_config.valid_fraction}")
+    model = _simple(ModelConfig, _mapping(raw.get("model"), "model"), "model", open_options=True)
+    if model.dtype not in ("float32", "float64"):
+        raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
+    tracking_raw = raw.get("tracking", "mlflow")
+    tracking_raw = {"name": tracking_raw} if isinstance(tracking_raw, str) else tracking_raw
+    return RunConfig(
+        data=data_config,
+        model=model,
+        loss=_loss(raw.get("loss")),
+        training=_training(raw.get("training")),
+        output=Path(_resolve_path(raw.get("output", "runs/train"), base_dir)),
+        tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. training.lr=0.001); got {item!r}")
+        dotted, text = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None or isinstance(child, str):
+                child = {} if child is None else {"path": child} if part in ("train", "valid", "test") else {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, resolve paths against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    return config_from_dict(apply_overrides(raw, overrides), path.parent)

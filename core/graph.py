@@ -1,0 +1,160 @@
+"""Model side of the data model: neighbour lists (vesin), graphs and batches of tensors.
+
+A *graph* is the ``dict[str, Tensor]`` of one structure; a *batch* concatenates graphs along
+atoms and edges with an index vector (:data:`keys.BATCH`), never padding.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from vesin import NeighborList
+
+from . import keys as K
+from ._errors import DataValidationError
+from .data import MIN_DISTANCE, Labels, get_metadata, validate_structure
+
+__all__ = [
+    "neighbor_list",
+    "atoms_to_graph",
+    "collate",
+    "GraphDataset",
+    "iterate_batches",
+]
+
+
+def neighbor_list(
+    atoms: Atoms, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Full neighbour list within ``cutoff`` (Å): centre ``i``, neighbour ``j``, shift, distance.
+
+    Periodic along any subset of axes and any triclinic cell, including cells smaller than the
+    cutoff (several images of one atom are then neighbours).
+    """
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    box = np.asarray(atoms.cell[:], dtype=np.float64) if pbc.any() else np.zeros((3, 3))
+    i, j, shifts, dist = NeighborList(cutoff=float(cutoff), full_list=True).compute(
+        points=np.asarray(atoms.positions, dtype=np.float64),
+        box=box,
+        periodic=pbc.tolist(),
+        quantities="ijSd",
+    )
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), dist
+
+
+def _check_contacts(i: np.ndarray, j: np.ndarray, dist: np.ndarray, where: str) -> None:
+    if dist.size and dist.min() < MIN_DISTANCE:
+        k = int(np.argmin(dist))
+        raise DataValidationError(
+            f"{where}: atoms {int(i[k])} and {int(j[k])} are {dist[k]:.3g} Å apart, closer than "
+            f"{MIN_DISTANCE} Å. Overlapping atoms: check the coordinates and units (Å expected)."
+        )
+
+
+def atoms_to_graph(
+    atoms: Atoms,
+    cutoff: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    labels: Labels | None = None,
+    where: str = "structure",
+) -> dict[str, torch.Tensor]:
+    """Build one structure's graph, with its labels and metadata where present."""
+    i, j, shifts, dist = neighbor_list(atoms, cutoff)
+    _check_contacts(i, j, dist, where)
+    meta = get_metadata(atoms)
+    graph = {
+        K.POSITIONS: torch.as_tensor(atoms.positions, dtype=dtype),
+        K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
+        K.CELL: torch.as_tensor(np.asarray(atoms.cell[:]), dtype=dtype).reshape(1, 3, 3),
+        K.PBC: torch.as_tensor(np.asarray(atoms.pbc, dtype=bool)).reshape(1, 3),
+        K.N_ATOMS: torch.tensor([len(atoms)], dtype=torch.long),
+        K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
+        K.SHIFTS: torch.as_tensor(shifts, dtype=dtype),
+        K.CHARGE: torch.tensor([meta.charge], dtype=dtype),
+        K.SPIN: torch.tensor([meta.spin], dtype=dtype),
+        K.FIDELITY: torch.tensor([meta.fidelity], dtype=torch.long),
+        K.WEIGHT: torch.tensor([meta.weight], dtype=dtype),
+    }
+    if labels is not None:
+        if labels.energy is not None:
+            graph[K.ENERGY] = torch.tensor([labels.energy], dtype=dtype)
+        if labels.forces is not None:
+            graph[K.FORCES] = torch.as_tensor(labels.forces, dtype=dtype)
+        if labels.stress is not None:
+            graph[K.STRESS] = torch.as_tensor(labels.stress, dtype=dtype).reshape(1, 3, 3)
+    return graph
+
+
+_PER_ATOM = (K.POSITIONS, K.NUMBERS, K.FORCES)
+_PER_EDGE = (K.SHIFTS,)
+
+
+def collate(graphs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate graphs into one batch; edge indices are offset, ``batch`` indexes structures.
+
+    Labels are batched only when every graph carries them.
+    """
+    if len(graphs) == 1:
+        out = dict(graphs[0])
+        out[K.BATCH] = torch.zeros(int(out[K.N_ATOMS][0]), dtype=torch.long)
+        return out
+    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
+    offsets = torch.cumsum(n_atoms, 0) - n_atoms
+    out: dict[str, torch.Tensor] = {
+        K.N_ATOMS: n_atoms,
+        K.BATCH: torch.repeat_interleave(torch.arange(len(graphs)), n_atoms),
+        K.EDGE_INDEX: torch.cat([g[K.EDGE_INDEX] + o for g, o in zip(graphs, offsets.tolist())], 1),
+    }
+    for key in graphs[0]:
+        if key in out or not all(key in g for g in graphs):
+            continue
+        out[key] = torch.cat([g[key] for g in graphs], 0)
+    return out
+
+
+class GraphDataset:
+    """Validated structures with their precomputed graphs (neighbour lists built once)."""
+
+    def __init__(
+        self,
+        structures: Sequence[Atoms],
+        cutoff: float,
+        *,
+        dtype: torch.dtype = torch.float32,
+        require: Sequence[str] = (),
+        source: str = "",
+    ) -> None:
+        if len(structures) == 0:
+            raise DataValidationError(f"data set {source!r} is empty; expected ≥ 1 structure.")
+        self.structures = list(structures)
+        self.cutoff = float(cutoff)
+        self.graphs: list[dict[str, torch.Tensor]] = []
+        for index, atoms in enumerate(self.structures):
+            where = f"structure {index}" + (f" of {source}" if source else "")
+            labels = validate_structure(atoms, require=require, index=index, source=source)
+            self.graphs.append(atoms_to_graph(atoms, cutoff, dtype=dtype, labels=labels, where=where))
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def numbers(self) -> np.ndarray:
+        """All atomic numbers occurring in the data set, sorted."""
+        return np.unique(np.concatenate([a.numbers for a in self.structures]))
+
+
+def iterate_batches(
+    dataset: GraphDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield collated batches of ``batch_size`` structures (the last one may be smaller)."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    for start in range(0, n, batch_size):
+        yield collate([dataset.graphs[k] for k in order[start : start + batch_size]])

@@ -1,0 +1,65 @@
+"""The loss interface: loss plugins build :class:`LossTerm` objects; a :class:`CompositeLoss`
+sums them with their weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = ["LossTerm", "WeightedTerm", "CompositeLoss"]
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """One term of the training loss.
+
+    ``requires`` names the labels it needs ('energy', 'forces', 'stress'; checked on the data
+    before training), ``outputs`` the model outputs it needs ('forces', 'stress').
+    ``term(batch, outputs, model)`` returns a scalar tensor.
+    """
+
+    requires: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def __call__(
+        self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], model: torch.nn.Module
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class WeightedTerm:
+    """A loss term with its config name and weight."""
+
+    name: str
+    weight: float
+    term: LossTerm
+
+
+class CompositeLoss:
+    """Weighted sum of loss terms; also reports each term for logging."""
+
+    def __init__(self, terms: Sequence[WeightedTerm]) -> None:
+        self.terms = list(terms)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """All labels any term needs."""
+        return tuple(sorted({label for t in self.terms for label in t.term.requires}))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """All model outputs any term needs."""
+        return tuple(sorted({out for t in self.terms for out in t.term.outputs}))
+
+    def __call__(
+        self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], model: torch.nn.Module
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), dtype=outputs["energy"].dtype)
+        logs: dict[str, float] = {}
+        for t in self.terms:
+            value = t.term(batch, outputs, model)
+            logs[t.name] = float(value.detach())
+            total = total + t.weight * value
+        return total, logs

@@ -1,0 +1,67 @@
+"""The tracker interface (implemented by tracker plugins such as ``mlflow`` and ``none``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+__all__ = ["Tracker", "TrackerCallback", "flatten"]
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """Records one run: params, metrics, artifacts; ``child`` opens a nested run."""
+
+    run_id: str | None
+
+    def start(self, *, run_name: str, resume_run_id: str | None = None,
+              tags: Mapping[str, str] | None = None) -> str | None:
+        """Open (or reopen) the run; return its id (``None`` if the tracker has none)."""
+        ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None: ...
+
+    def child(self, run_name: str) -> "Tracker":
+        """A tracker for a nested run under this one."""
+        ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+    def describe(self) -> str:
+        """One line telling the user where to find the run."""
+        ...
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists become their string form."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class TrackerCallback:
+    """Engine callback that logs each epoch's metrics."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_epoch_end(self, engine: Any, record: Any) -> None:
+        metrics = {
+            "train_loss": record.train_loss,
+            "valid_loss": record.valid_loss,
+            "lr": record.lr,
+            "elapsed_s": record.elapsed,
+            **{f"valid_{k}": v for k, v in record.valid_metrics.items()},
+        }
+        self.tracker.log_metrics(metrics, step=record.epoch)

@@ -1,0 +1,258 @@
+"""``atomforge train``: wire a :class:`RunConfig` to plugins, train, export, evaluate, track.
+
+Each step is a small function; the engine, losses, tracker and data sources come from the
+registry by name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+from ase import Atoms
+
+from . import keys as K
+from ._errors import ConfigError, DataValidationError
+from ._specs import PluginKind
+from .config import RunConfig, SourceConfig
+from .data import get_labels
+from .evaluate import evaluate, parity_plot
+from .graph import GraphDataset
+from .losses import CompositeLoss, WeightedTerm
+from .modelfile import build_potential, save_model
+from .potential import Potential, fit_normalization
+from .registry import Registry
+from .tracking import Tracker, TrackerCallback, flatten
+from .training import TrainSettings, make_optimizer, make_scheduler
+
+__all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker", "MODEL_FILE"]
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+TRACKING_FILE = "tracking.json"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """Where the results of a training run are."""
+
+    run_dir: Path
+    model_path: Path
+    test_metrics: dict[str, float]
+    stopped_because: str
+    epochs: int
+
+
+def load_source(registry: Registry, source: SourceConfig, base_dir: Path) -> list[Atoms]:
+    """Read structures through a data-source plugin."""
+    spec = registry.get(PluginKind.DATA_SOURCE, source.source)
+    structures = list(spec.factory(dict(source.options), base_dir))
+    if not structures:
+        raise DataValidationError(f"data source {source.source!r} {source.options} gave no structures")
+    return structures
+
+
+def build_loss(registry: Registry, config: RunConfig) -> CompositeLoss:
+    """Instantiate every configured loss term through the registry."""
+    terms = []
+    for term in config.loss:
+        spec = registry.get(PluginKind.LOSS, term.name)
+        try:
+            terms.append(WeightedTerm(term.name, term.weight, spec.factory(**term.options)))
+        except TypeError as error:
+            raise ConfigError(f"loss {term.name!r} rejected its options {term.options}: {error}") from error
+    return CompositeLoss(terms)
+
+
+def make_tracker(registry: Registry, config: RunConfig) -> Tracker:
+    """Instantiate the configured tracker plugin."""
+    spec = registry.get(PluginKind.TRACKER, config.tracking.name)
+    return spec.factory(run_dir=config.output, experiment=config.tracking.experiment,
+                        **config.tracking.options)
+
+
+def _split(structures: list[Atoms], fraction: float, seed: int) -> tuple[list[Atoms], list[Atoms]]:
+    n_valid = max(1, int(round(fraction * len(structures))))
+    if n_valid >= len(structures):
+        raise DataValidationError(
+            f"cannot hold out {n_valid} of {len(structures)} structures for validation; "
+            "give data.valid or more training data"
+        )
+    order = np.random.default_rng(seed).permutation(len(structures))
+    return [structures[i] for i in order[n_valid:]], [structures[i] for i in order[:n_valid]]
+
+
+def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> dict[str, GraphDataset]:
+    base = config.output
+    train = load_source(registry, config.data.train, base)
+    if config.data.valid is not None:
+        valid = load_source(registry, config.data.valid, base)
+    else:
+        train, valid = _split(train, config.data.valid_fraction, config.training.seed)
+    dtype = getattr(torch, config.model.dtype)
+    cutoff = config.model.cutoff
+    sets = {
+        "train": GraphDataset(train, cutoff, dtype=dtype, require=require, source="data.train"),
+        "valid": GraphDataset(valid, cutoff, dtype=dtype, require=require, source="data.valid"),
+    }
+    if config.data.test is not None:
+        test = load_source(registry, config.data.test, base)
+        sets["test"] = GraphDataset(test, cutoff, dtype=dtype, source="data.test")
+    _check_elements(sets)
+    return sets
+
+
+def _check_elements(sets: dict[str, GraphDataset]) -> None:
+    known = set(sets["train"].numbers().tolist())
+    for name, dataset in sets.items():
+        unseen = sorted(set(dataset.numbers().tolist()) - known)
+        if unseen:
+            raise DataValidationError(
+                f"data.{name} contains element(s) Z={unseen} absent from the training set "
+                f"(Z={sorted(known)}); the model cannot learn them. Add them to data.train."
+            )
+
+
+def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> dict[str, Any]:
+    """The model-file config: backbone, options and the normalisation fitted on ``train``."""
+    elements = train.numbers().tolist()
+    labels = [get_labels(a) for a in train.structures]
+    if any(lab.energy is None for lab in labels):
+        energies, forces = np.zeros(len(labels)), None
+    else:
+        energies = np.array([lab.energy for lab in labels])
+        forces = [lab.forces for lab in labels] if all(lab.forces is not None for lab in labels) else None
+    atomic, scale, shift = fit_normalization([a.numbers for a in train.structures], energies, forces, elements)
+    return {
+        "backbone": config.model.backbone,
+        "provider": registry.provided(PluginKind.BACKBONE, config.model.backbone).distribution,
+        "cutoff": config.model.cutoff,
+        "dtype": config.model.dtype,
+        "options": dict(config.model.options),
+        "elements": elements,
+        "atomic_energies": [float(e) for e in atomic],
+        "scale": scale,
+        "shift": shift,
+    }
+
+
+class ProgressBar:
+    """Engine callback: a tqdm bar over epochs showing the latest validation errors."""
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+        self.bar: Any = None
+
+    def on_epoch_end(self, engine: Any, record: Any) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.max_epochs, initial=record.epoch - 1, desc="training",
+                            unit="epoch", file=sys.stderr, dynamic_ncols=True)
+        m = record.valid_metrics
+        self.bar.set_postfix_str(
+            f"valid F-MAE {m.get('forces_mae', float('nan')):.1f} meV/Å, "
+            f"E-MAE {m.get('energy_mae', float('nan')):.2f} meV/atom, lr {record.lr:.2g}"
+        )
+        self.bar.update(1)
+
+    def on_train_end(self, engine: Any, result: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            print(f"training stopped ({result.stopped_because}) after {result.epochs} epochs, "
+                  f"{result.elapsed:.0f} s; best epoch {result.best_epoch}", file=sys.stderr)
+
+
+def _run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = config.output
+    if (run_dir / CHECKPOINT_FILE).exists() and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a training checkpoint; pass --resume to continue it, or "
+            "choose another output directory (nothing was overwritten)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: bool) -> None:
+    state_file = run_dir / TRACKING_FILE
+    previous = json.loads(state_file.read_text()).get("run_id") if resume and state_file.exists() else None
+    run_id = tracker.start(run_name=config.tracking.run_name or run_dir.name, resume_run_id=previous)
+    state_file.write_text(json.dumps({"run_id": run_id}))
+    if previous is None:
+        tracker.log_params(flatten(config.to_dict()))
+        tracker.log_dict(config.to_dict(), "config.yaml")
+
+
+def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbose: bool = True) -> TrainOutcome:
+    """Train a model as configured; returns where the model and metrics are."""
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
+    run_dir = _run_dir(config, resume)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    loss = build_loss(registry, config)
+    sets = _datasets(config, registry, loss.requires)
+    torch.manual_seed(config.training.seed)
+    spec = model_spec(config, registry, sets["train"])
+    model = build_potential(spec, registry)
+    tracker = make_tracker(registry, config)
+    _start_tracker(tracker, config, run_dir, resume)
+    try:
+        engine = _make_engine(config, registry, model, loss, tracker, verbose)
+        result = engine.fit(sets["train"], sets["valid"], resume=resume)
+        final = engine.export_model()
+        model_path = save_model(final, run_dir / MODEL_FILE, config=spec, metadata={
+            "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "best_valid_loss": result.best_valid_loss, "stopped_because": result.stopped_because})
+        metrics = _final_evaluation(final, sets, tracker, run_dir)
+        tracker.log_metrics({"epochs": result.epochs, "best_epoch": result.best_epoch})
+        tracker.log_artifact(model_path)
+    except BaseException:
+        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    if verbose:
+        print(f"model: {model_path}\ntracking: {tracker.describe()}", file=sys.stderr)
+    return TrainOutcome(run_dir, model_path, metrics, result.stopped_because, result.epochs)
+
+
+def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: CompositeLoss,
+                 tracker: Tracker, verbose: bool) -> Any:
+    t = config.training
+    settings = TrainSettings(
+        max_epochs=t.max_epochs, max_time=t.max_time, batch_size=t.batch_size,
+        valid_batch_size=t.valid_batch_size, seed=t.seed, grad_clip=t.grad_clip,
+        ema_decay=t.ema_decay, patience=t.patience, compute_stress=K.STRESS in loss.outputs,
+    )
+    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay)
+    s = t.scheduler
+    scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
+                               patience=s.patience, min_lr=s.min_lr, gamma=s.gamma)
+    callbacks: list[Any] = [TrackerCallback(tracker)]
+    if verbose:
+        callbacks.append(ProgressBar(t.max_epochs))
+    spec = registry.get(PluginKind.ENGINE, t.engine)
+    return spec.factory(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler,
+                        settings=settings, callbacks=callbacks,
+                        checkpoint_path=config.output / CHECKPOINT_FILE)
+
+
+def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: Tracker,
+                      run_dir: Path) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name in ("valid", "test"):
+        if name not in sets:
+            continue
+        acc = evaluate(model, sets[name])
+        metrics.update({f"{name}_{k}": v for k, v in acc.metrics().items()})
+        plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
+        tracker.log_artifact(plot, "plots")
+    tracker.log_metrics(metrics)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
