@@ -30,7 +30,8 @@ def _md_snapshots(oracle_calc_factory, start: Atoms, temperature: float, n: int,
                   rng: np.random.Generator) -> list[Atoms]:
     atoms = start.copy()
     atoms.calc = oracle_calc_factory()
-    dyn = Langevin(atoms, timestep=2 * units.fs, temperature_K=temperature, friction=0.02 / units.fs, rng=rng)
+    dyn = Langevin(atoms, timestep=2 * units.fs, temperature_K=temperature, friction=0.02 / units.fs, rng=rng,
+                   fixcm=False)
     frames = []
     for _ in range(n):
         dyn.run(stride)

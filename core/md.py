@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
+from ase.constraints import FixCom
 from ase.io import write
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
@@ -60,8 +61,11 @@ def run_md(
     if not atoms.pbc.any():
         ZeroRotation(atoms)
     dt = timestep_fs * units.fs
+    if ensemble == "nvt" and not atoms.constraints:
+        atoms.set_constraint(FixCom())  # keep the centre of mass still (ASE's recommended way)
     dyn = (VelocityVerlet(atoms, timestep=dt) if ensemble == "nve" else
-           Langevin(atoms, timestep=dt, temperature_K=temperature, friction=friction_per_fs / units.fs, rng=rng))
+           Langevin(atoms, timestep=dt, temperature_K=temperature, friction=friction_per_fs / units.fs,
+                    rng=rng, fixcm=False))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         if Path(out).exists():
@@ -76,13 +80,17 @@ def run_md(
             write(out, atoms, format="extxyz", append=True)
             frames += 1
 
-    dyn.attach(record, interval=1)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"MD {ensemble.upper()} {temperature:g} K", unit="step", file=sys.stderr)
-        dyn.attach(lambda: bar.update(1), interval=1)
+    def record_and_tick() -> None:
+        record()
+        if bar is not None and dyn.nsteps > 0:
+            bar.update(1)
+
+    dyn.attach(record_and_tick, interval=1)
     started = time.perf_counter()
     dyn.run(steps)
     seconds = time.perf_counter() - started

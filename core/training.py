@@ -16,10 +16,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from . import keys as K
 from .graph import GraphDataset, iterate_batches
@@ -113,6 +113,24 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def warmup_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """EMA update with the usual warm-up: the decay is ``min(decay, (1 + n) / (10 + n))`` after
+    ``n`` updates, so the average does not lag far behind a young model."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    return update
+
+
 def make_optimizer(
     model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, amsgrad: bool = True
 ) -> torch.optim.Optimizer:
@@ -167,7 +185,7 @@ class TorchEngine:
         self.callbacks = list(callbacks)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.ema = (
-            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+            AveragedModel(model, multi_avg_fn=warmup_ema(settings.ema_decay), use_buffers=True)
             if settings.ema_decay
             else None
         )

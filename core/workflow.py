@@ -246,11 +246,11 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
 def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: Tracker,
                       run_dir: Path) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    for name in ("valid", "test"):
+    for name, prefix in (("valid", "best_valid"), ("test", "test")):
         if name not in sets:
             continue
         acc = evaluate(model, sets[name])
-        metrics.update({f"{name}_{k}": v for k, v in acc.metrics().items()})
+        metrics.update({f"{prefix}_{k}": v for k, v in acc.metrics().items()})
         plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
         tracker.log_artifact(plot, "plots")
     tracker.log_metrics(metrics)

@@ -1,0 +1,70 @@
+"""Shared fixtures: one torch thread, no MLflow telemetry, small EMT-labelled Cu data sets."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import bulk  # noqa: E402
+from ase.calculators.emt import EMT  # noqa: E402
+from ase.io import write  # noqa: E402
+
+from atomforge import Registry, attach_labels, make_registry  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """The registry as a user gets it (built-ins + installed entry points)."""
+    return make_registry()
+
+
+def emt_label(atoms: Atoms) -> Atoms:
+    """A labelled copy (energy, forces, stress) computed with ASE's EMT."""
+    work = atoms.copy()
+    work.calc = EMT()
+    stress = work.get_stress() if work.pbc.all() else None
+    return attach_labels(atoms, energy=work.get_potential_energy(), forces=work.get_forces(), stress=stress)
+
+
+def cu_structures(n: int, seed: int = 0, repeat: tuple[int, int, int] = (1, 1, 2)) -> list[Atoms]:
+    """``n`` rattled and strained 8-atom Cu cells labelled with EMT."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+        atoms.set_cell(atoms.cell[:] @ (np.eye(3) + np.diag(rng.uniform(-0.02, 0.02, 3))), scale_atoms=True)
+        atoms.positions += rng.normal(0, 0.08, atoms.positions.shape)
+        out.append(emt_label(atoms))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cu_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Train (24) and test (8) EMT Cu structures as extxyz files."""
+    folder = tmp_path_factory.mktemp("cu")
+    paths = {"train": folder / "train.extxyz", "test": folder / "test.extxyz"}
+    write(paths["train"], cu_structures(24, seed=1))
+    write(paths["test"], cu_structures(8, seed=2))
+    return paths
+
+
+def tiny_config(cu_files: dict[str, Path], output: Path, **training: object) -> dict:
+    """A small, fast training config (plain data, as read from YAML)."""
+    return {
+        "data": {"train": str(cu_files["train"]), "test": str(cu_files["test"]), "valid_fraction": 0.25},
+        "model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 16, "num_layers": 2, "num_rbf": 8},
+        "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
+        "training": {"max_epochs": 3, "batch_size": 4, "lr": 0.005, "seed": 3, **training},
+        "output": str(output),
+        "tracking": "none",
+    }

@@ -1,0 +1,137 @@
+"""Training behaviour: learning, stopping, checkpoints, resume after a kill, bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from atomforge import ConfigError, config_from_dict, load_config, read_model_file
+from atomforge.workflow import train
+
+from conftest import tiny_config
+
+
+def test_training_reduces_the_error(registry, cu_files, tmp_path) -> None:
+    outcome = train(config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=8)), registry,
+                    verbose=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    history = ckpt["history"]
+    assert len(history) == 8
+    assert history[-1]["valid_metrics"]["forces_mae"] < 0.7 * history[0]["valid_metrics"]["forces_mae"]
+    assert outcome.test_metrics["test_forces_mae"] < 1.5 * history[-1]["valid_metrics"]["forces_mae"]
+    assert outcome.model_path.exists() and (tmp_path / "run" / "parity_test.png").exists()
+
+
+def test_max_time_stops_training(registry, cu_files, tmp_path) -> None:
+    outcome = train(config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=10_000, max_time=2)),
+                    registry, verbose=False)
+    assert outcome.stopped_because == "max_time"
+    assert outcome.epochs < 10_000
+
+
+def test_early_stopping(registry, cu_files, tmp_path) -> None:
+    cfg = tiny_config(cu_files, tmp_path / "run", max_epochs=200, patience=1, lr=1e-9, ema_decay=None)
+    outcome = train(config_from_dict(cfg), registry, verbose=False)
+    assert outcome.stopped_because == "early_stopping"
+    assert outcome.epochs < 10
+
+
+def test_existing_run_is_not_overwritten_without_resume(registry, cu_files, tmp_path) -> None:
+    cfg = config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=1))
+    train(cfg, registry, verbose=False)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, registry, verbose=False)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_model_file(path)[2]
+
+
+def test_resume_after_kill_gives_the_same_model(registry, cu_files, tmp_path) -> None:
+    """Kill a training process mid-run (SIGKILL), resume it, compare with an uninterrupted run."""
+    epochs = 6
+    reference = train(config_from_dict(tiny_config(cu_files, tmp_path / "ref", max_epochs=epochs)), registry,
+                      verbose=False)
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(cu_files, tmp_path / "killed", max_epochs=epochs)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "atomforge", "train", str(config), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 2 <= killed_at < epochs and not (tmp_path / "killed" / "model.pt").exists()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    history = torch.load(ckpt, weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    resumed, ref = _weights(tmp_path / "killed" / "model.pt"), _weights(reference.model_path)
+    for name in ref:
+        torch.testing.assert_close(resumed[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_config_overrides_and_relative_paths(cu_files, tmp_path) -> None:
+    raw = tiny_config(cu_files, tmp_path / "unused")
+    raw["data"]["train"] = "train.extxyz"
+    raw["output"] = "out"
+    (cu_files["train"].parent / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(cu_files["train"].parent / "c.yaml",
+                      ["training.lr=0.01", "model.hidden_channels=8", "training.max_time=15m"])
+    assert cfg.training.lr == 0.01 and cfg.training.max_time == 900
+    assert cfg.model.options["hidden_channels"] == 8
+    assert cfg.data.train.options["path"] == str(cu_files["train"])
+    assert cfg.output == cu_files["train"].parent / "out"
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["training"].update(learning_rate=1), r"training: unknown key\(s\) \['learning_rate'\]"),
+        (lambda c: c.update(optimiser={}), r"unknown key\(s\) \['optimiser'\]; valid keys"),
+        (lambda c: c["training"].update(max_time="fifteen minutes"), "max_time: expected seconds"),
+        (lambda c: c["model"].update(dtype="float16"), "float32 or float64"),
+        (lambda c: c.pop("data"), "data.train is required"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(cu_files, tmp_path, mutate, message) -> None:
+    raw = tiny_config(cu_files, tmp_path / "run")
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_unknown_backbone_option_is_a_clear_error(registry, cu_files, tmp_path) -> None:
+    from atomforge import PluginError
+
+    raw = tiny_config(cu_files, tmp_path / "run")
+    raw["model"]["hidden"] = 3
+    with pytest.raises(PluginError, match=r"backbone 'painn' rejected its options.*hidden"):
+        train(config_from_dict(raw), registry, verbose=False)
+
+
+def test_float64_training(registry, cu_files, tmp_path) -> None:
+    raw = tiny_config(cu_files, tmp_path / "run", max_epochs=1)
+    raw["model"]["dtype"] = "float64"
+    outcome = train(config_from_dict(raw), registry, verbose=False)
+    config, _, state = read_model_file(outcome.model_path)
+    assert config["dtype"] == "float64"
+    assert state["backbone.embedding.weight"].dtype == torch.float64
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_forces_mae"] > 0
