@@ -110,7 +110,11 @@ class TrackerSpec(_Spec):
 
 @dataclass(frozen=True)
 class EngineSpec(_Spec):
-    """A training engine. ``factory(*, model, loss, optimizer, callbacks, settings) -> Engine``."""
+    """A training engine.
+
+    ``factory(*, model, loss, optimizer, scheduler, settings, callbacks, checkpoint_path) -> Engine``
+    (see :class:`atomforge.training.Engine` and :class:`atomforge.training.TrainSettings`).
+    """
 
     kind: PluginKind = PluginKind.ENGINE
 

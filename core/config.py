@@ -109,10 +109,13 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: Path = Path("runs/train")  # run directory (resolved against the config file)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    base_dir: Path = Path(".")  # folder of the config file; data sources resolve paths against it
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data (inverse of :func:`config_from_dict`)."""
-        return _plain(self)
+        out = _plain(self)
+        out.pop("base_dir")
+        return out
 
 
 def _plain(obj: Any) -> Any:
@@ -200,6 +203,30 @@ def _simple(cls: type, data: Mapping[str, Any], where: str, *, open_options: boo
     return cls(**data)
 
 
+SCHEDULERS = ("plateau", "cosine", "exponential", "none")
+
+
+def _coerce(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """Convert numbers given as YAML ints/strings to the field's type; clear error otherwise."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in list(data.items()):
+        kind = kinds.get(key, "")
+        if value is None and "None" in kind:
+            continue
+        try:
+            if kind.startswith("int"):
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                data[key] = int(float(value))
+            elif kind.startswith("float"):
+                if isinstance(value, bool):
+                    raise ValueError
+                data[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{key}: expected {kind.replace(' | None', ' or null')}, got {value!r}") from None
+    return data
+
+
 def _training(data: Mapping[str, Any]) -> TrainingConfig:
     data = _mapping(data, "training")
     _check_keys(data, _fields_of(TrainingConfig), "training")
@@ -207,7 +234,13 @@ def _training(data: Mapping[str, Any]) -> TrainingConfig:
     if isinstance(scheduler, str):
         scheduler = {"name": scheduler}
     data["max_time"] = parse_duration(data.get("max_time"))
-    config = TrainingConfig(**data, scheduler=_simple(SchedulerConfig, _mapping(scheduler, "training.scheduler"), "training.scheduler"))
+    data = _coerce(data, TrainingConfig, "training")
+    sched = _mapping(scheduler, "training.scheduler")
+    _check_keys(sched, _fields_of(SchedulerConfig), "training.scheduler")
+    sched = SchedulerConfig(**_coerce(sched, SchedulerConfig, "training.scheduler"))
+    if sched.name not in SCHEDULERS:
+        raise ConfigError(f"training.scheduler.name: unknown scheduler {sched.name!r}; valid: {', '.join(SCHEDULERS)}")
+    config = TrainingConfig(**data, scheduler=sched)
     if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:
         raise ConfigError(
             "training: batch_size must be ≥ 1, max_epochs ≥ 0 and lr > 0; "
@@ -226,7 +259,9 @@ def _loss(value: Any) -> tuple[LossTermConfig, ...]:
         item = {"name": item} if isinstance(item, str) else _mapping(item, f"loss[{k}]")
         if "name" not in item:
             raise ConfigError(f"loss[{k}]: missing 'name' (a loss plugin such as energy, forces)")
-        terms.append(_simple(LossTermConfig, item, f"loss[{k}]", open_options=True))
+        term = _simple(LossTermConfig, item, f"loss[{k}]", open_options=True)
+        weight = _coerce({"weight": term.weight}, LossTermConfig, f"loss[{k}]")["weight"]
+        terms.append(dataclasses.replace(term, weight=weight))
     return tuple(terms)
 
 
@@ -251,6 +286,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     if not 0.0 < data_config.valid_fraction < 1.0 and data_config.valid is None:
         raise ConfigError(f"data.valid_fraction must be in (0, 1); got {data_config.valid_fraction}")
     model = _simple(ModelConfig, _mapping(raw.get("model"), "model"), "model", open_options=True)
+    model = dataclasses.replace(model, cutoff=_coerce({"cutoff": model.cutoff}, ModelConfig, "model")["cutoff"])
     if model.dtype not in ("float32", "float64"):
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
     tracking_raw = raw.get("tracking", "mlflow")
@@ -262,6 +298,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         training=_training(raw.get("training")),
         output=Path(_resolve_path(raw.get("output", "runs/train"), base_dir)),
         tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
+        base_dir=base_dir,
     )
 
 
@@ -271,15 +308,29 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (e.g. training.lr=0.001); got {item!r}")
         dotted, text = item.split("=", 1)
-        node = raw
+        node: Any = raw
         parts = dotted.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {dotted}: {part!r} is not an index of a {len(node)}-item list")
+                part = int(part)  # type: ignore[assignment]
+                if last:
+                    node[part] = yaml.safe_load(text)
+                    break
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: cannot set a key inside {node!r}")
+            if last:
+                node[part] = yaml.safe_load(text)
+                break
             child = node.get(part)
-            if child is None or isinstance(child, str):
-                child = {} if child is None else {"path": child} if part in ("train", "valid", "test") else {}
+            if child is None or (isinstance(child, str) and part in ("train", "valid", "test")):
+                child = {} if child is None else {"source": "ase", "path": child}
                 node[part] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(text)
     return raw
 
 

@@ -32,12 +32,12 @@ class CalculatorOracle:
 
     def label(self, atoms: Atoms) -> Atoms:
         work = atoms.copy()
+        work.set_constraint()  # labels are the raw physics; constraints belong to the simulation
         work.calc = self.make_calculator()
         energy = work.get_potential_energy()
         forces = work.get_forces()
         stress = work.get_stress(voigt=True) if self.stress and bool(np.all(work.pbc)) else None
-        labelled = attach_labels(atoms, energy=energy, forces=forces, stress=stress)
-        return labelled
+        return attach_labels(atoms, energy=energy, forces=forces, stress=stress)
 
     def label_many(self, structures: Sequence[Atoms]) -> list[Atoms]:
         """Label each structure in turn."""

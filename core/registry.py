@@ -191,6 +191,11 @@ class Registry:
         by_name = self._entries[PluginKind(kind)]
         return [p for name in sorted(by_name) for p in by_name[name]]
 
+    @staticmethod
+    def _singular(kind: PluginKind) -> str:
+        return {"losses": "loss", "uq_heads": "UQ head", "data_sources": "data source"}.get(
+            kind.value, kind.value[:-1])
+
     def provided(self, kind: PluginKind | str, name: str) -> Provided:
         """The spec registered under ``name`` with its provider; clear errors otherwise."""
         kind = PluginKind(kind)
@@ -198,13 +203,13 @@ class Registry:
         if not candidates:
             valid = ", ".join(self.names(kind)) or "(none registered)"
             raise UnknownPluginError(
-                f"unknown {kind.value[:-1].replace('_', ' ')} {name!r}; valid names: {valid}. "
+                f"unknown {self._singular(kind)} {name!r}; valid names: {valid}. "
                 "Install the package that provides it or fix the name."
             )
         if len(candidates) > 1:
             who = " and ".join(f"{p.plugin!r} (distribution {p.distribution!r})" for p in candidates)
             raise DuplicatePluginError(
-                f"{kind.value[:-1].replace('_', ' ')} name {name!r} is registered by both {who}; "
+                f"{self._singular(kind)} name {name!r} is registered by both {who}; "
                 "uninstall one of them or rename its entry."
             )
         return candidates[0]

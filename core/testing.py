@@ -26,7 +26,7 @@ from ._specs import BackboneSpec
 from .graph import atoms_to_graph, collate
 from .potential import Potential
 
-__all__ = ["CheckResult", "check_backbone", "make_test_potential", "test_structures", "predict"]
+__all__ = ["CheckResult", "check_backbone", "make_test_potential", "sample_structures", "predict"]
 
 _ELEMENTS = (1, 8)
 
@@ -60,7 +60,7 @@ def make_test_potential(
     return Potential(backbone, elements=_ELEMENTS, atomic_energies=[-0.5, -2.0], scale=1.3, shift=0.1).to(dtype).eval()
 
 
-def test_structures(seed: int = 0) -> dict[str, Atoms]:
+def sample_structures(seed: int = 0) -> dict[str, Atoms]:
     """A small open cluster and a small triclinic periodic cell (cell < cutoff)."""
     rng = np.random.default_rng(seed)
     grid = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1]], float) * 1.3
@@ -197,7 +197,7 @@ def check_backbone(
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     fd_tol = 1e-6
     conservative = not potential.backbone.direct_forces
-    results = _checks(potential, test_structures(seed), equivariant, np.random.default_rng(seed),
+    results = _checks(potential, sample_structures(seed), equivariant, np.random.default_rng(seed),
                       tol, fd_tol, conservative)
     failed = [r for r in results if not r.passed]
     if failed:

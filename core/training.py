@@ -323,9 +323,7 @@ class TorchEngine:
 
     def fit(self, train: GraphDataset, valid: GraphDataset, *, resume: bool = False) -> TrainResult:
         """Train until a stop criterion; checkpoint after every epoch."""
-        if resume:
-            self.try_resume()
-        else:
+        if not (resume and self.try_resume()):
             torch.manual_seed(self.settings.seed)
         reason = self._stop_reason(False)
         while reason is None:

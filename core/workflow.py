@@ -73,8 +73,24 @@ def build_loss(registry: Registry, config: RunConfig) -> CompositeLoss:
 def make_tracker(registry: Registry, config: RunConfig) -> Tracker:
     """Instantiate the configured tracker plugin."""
     spec = registry.get(PluginKind.TRACKER, config.tracking.name)
-    return spec.factory(run_dir=config.output, experiment=config.tracking.experiment,
-                        **config.tracking.options)
+    try:
+        return spec.factory(run_dir=config.output, experiment=config.tracking.experiment,
+                            **config.tracking.options)
+    except TypeError as error:
+        raise ConfigError(f"tracker {config.tracking.name!r} rejected its options "
+                          f"{sorted(config.tracking.options)}: {error}") from error
+
+
+def check_names(registry: Registry, config: RunConfig) -> None:
+    """Fail early (before anything is written) on any registry name the config uses."""
+    registry.get(PluginKind.BACKBONE, config.model.backbone)
+    registry.get(PluginKind.ENGINE, config.training.engine)
+    registry.get(PluginKind.TRACKER, config.tracking.name)
+    for term in config.loss:
+        registry.get(PluginKind.LOSS, term.name)
+    for source in (config.data.train, config.data.valid, config.data.test):
+        if source is not None:
+            registry.get(PluginKind.DATA_SOURCE, source.source)
 
 
 def _split(structures: list[Atoms], fraction: float, seed: int) -> tuple[list[Atoms], list[Atoms]]:
@@ -89,7 +105,7 @@ def _split(structures: list[Atoms], fraction: float, seed: int) -> tuple[list[At
 
 
 def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> dict[str, GraphDataset]:
-    base = config.output
+    base = config.base_dir
     train = load_source(registry, config.data.train, base)
     if config.data.valid is not None:
         valid = load_source(registry, config.data.valid, base)
@@ -194,6 +210,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     """Train a model as configured; returns where the model and metrics are."""
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
+    check_names(registry, config)
     run_dir = _run_dir(config, resume)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     loss = build_loss(registry, config)

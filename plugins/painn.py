@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from atomforge import Backbone, BackboneSpec, hookimpl
+from atomforge import Backbone, BackboneSpec, ConfigError, hookimpl
 from atomforge import keys as K
 
 __all__ = ["PaiNN"]
@@ -95,7 +95,10 @@ class PaiNN(Backbone):
         activation: str = "silu",
     ) -> None:
         super().__init__(num_elements=num_elements, cutoff=cutoff)
-        act = {"silu": nn.SiLU, "tanh": nn.Tanh}[activation]
+        activations = {"silu": nn.SiLU, "tanh": nn.Tanh}
+        if activation not in activations:
+            raise ConfigError(f"painn activation {activation!r} is not one of {sorted(activations)}")
+        act = activations[activation]
         self.features = hidden_channels
         self.embedding = nn.Embedding(num_elements, hidden_channels)
         self.radial = RadialBasis(num_rbf, cutoff)

@@ -53,7 +53,8 @@ class MlflowTracker:
 
         run_dir = Path(run_dir).resolve()
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
-        self.local_store = not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        # local stores (sqlite/file) keep artifacts in the run dir instead of ./mlruns of the cwd
+        self.local_store = self.uri.startswith(("sqlite:", "file:", "/"))
         self.artifact_location = artifact_location or (
             (run_dir / "mlartifacts").as_uri() if self.local_store else None
         )

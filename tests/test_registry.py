@@ -155,3 +155,35 @@ def test_a_third_party_plugin_can_extend_every_kind(kind: str) -> None:
     registry = make_registry(make_plugin_manager(entry_points=False, extra=[plugin]))
     assert registry.get(kind, f"thirdparty_{kind}") is spec
     assert registry.provided(kind, f"thirdparty_{kind}").plugin == f"plugin_for_{kind}"
+
+
+def test_oracles_label_raw_forces_even_for_constrained_structures(registry) -> None:
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+
+    from atomforge import get_labels
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.positions[0] += [0.1, 0.05, 0.0]
+    atoms.set_constraint(FixAtoms([0]))
+    labelled = registry.get("oracles", "emt").factory().label(atoms)
+    ref = atoms.copy()
+    ref.set_constraint()
+    ref.calc = EMT()
+    labels = get_labels(labelled)
+    assert abs(labels.forces[0]).max() > 0.01  # not zeroed by FixAtoms
+    assert labels.forces == pytest.approx(ref.get_forces())
+    assert labels.energy == pytest.approx(ref.get_potential_energy())
+    assert labels.stress.shape == (3, 3)
+    assert atoms.calc is None and atoms.constraints  # the input is untouched
+
+
+def test_xtb_oracle_labels_a_molecule(registry) -> None:
+    from ase.build import molecule
+
+    from atomforge import get_labels
+
+    labels = get_labels(registry.get("oracles", "xtb").factory().label(molecule("H2O")))
+    assert labels.energy < -100 and labels.forces.shape == (3, 3) and labels.stress is None
+    assert abs(labels.forces.sum(0)).max() < 1e-6

@@ -109,6 +109,10 @@ def test_config_overrides_and_relative_paths(cu_files, tmp_path) -> None:
         (lambda c: c["training"].update(max_time="fifteen minutes"), "max_time: expected seconds"),
         (lambda c: c["model"].update(dtype="float16"), "float32 or float64"),
         (lambda c: c.pop("data"), "data.train is required"),
+        (lambda c: c["training"].update(lr="abc"), r"training.lr: expected float, got 'abc'"),
+        (lambda c: c["training"].update(batch_size=2.5), r"training.batch_size: expected int, got 2.5"),
+        (lambda c: c["training"].update(scheduler="warmup"), r"unknown scheduler 'warmup'; valid: plateau"),
+        (lambda c: c["loss"][0].update(weight="heavy"), r"loss\[0\].weight: expected float"),
     ],
 )
 def test_bad_config_gives_a_clear_error(cu_files, tmp_path, mutate, message) -> None:
@@ -118,12 +122,36 @@ def test_bad_config_gives_a_clear_error(cu_files, tmp_path, mutate, message) -> 
         config_from_dict(raw)
 
 
+def test_set_overrides_reach_into_lists(cu_files, tmp_path) -> None:
+    from atomforge.config import apply_overrides
+
+    raw = apply_overrides(tiny_config(cu_files, tmp_path / "run"), ["loss.1.weight=50", "loss.0.kind=huber"])
+    config = config_from_dict(raw)
+    assert config.loss[1].weight == 50.0 and config.loss[0].options == {"kind": "huber"}
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(raw, ["loss.7.weight=1"])
+
+
+def test_unknown_names_fail_before_anything_is_written(registry, cu_files, tmp_path) -> None:
+    from atomforge import UnknownPluginError
+
+    raw = tiny_config(cu_files, tmp_path / "run")
+    raw["loss"].append({"name": "virial"})
+    with pytest.raises(UnknownPluginError, match="unknown loss 'virial'"):
+        train(config_from_dict(raw), registry, verbose=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_backbone_option_is_a_clear_error(registry, cu_files, tmp_path) -> None:
     from atomforge import PluginError
 
     raw = tiny_config(cu_files, tmp_path / "run")
     raw["model"]["hidden"] = 3
     with pytest.raises(PluginError, match=r"backbone 'painn' rejected its options.*hidden"):
+        train(config_from_dict(raw), registry, verbose=False)
+    raw = tiny_config(cu_files, tmp_path / "run2")
+    raw["model"]["activation"] = "relu"
+    with pytest.raises(ConfigError, match=r"activation 'relu' is not one of \['silu', 'tanh'\]"):
         train(config_from_dict(raw), registry, verbose=False)
 
 

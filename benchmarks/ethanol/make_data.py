@@ -154,12 +154,17 @@ def run_trajectory(
     frames: list[Atoms] = []
     temps: list[float] = []
     worst_stretch = 0.0
+    net_force = 0.0
     t0 = time.perf_counter()
     report_every = max(1, spec.n_frames // 5)
     for i in range(spec.n_frames):
         dyn.run(stride)
         energy = atoms.get_potential_energy()
-        forces = atoms.get_forces()
+        # apply_constraint=False: FixCom.adjust_forces subtracts m_i * lambda from every
+        # atom (a uniform acceleration that leaves the internal dynamics untouched), so
+        # the constrained forces are NOT the xTB gradient. Save the raw gradient.
+        forces = atoms.get_forces(apply_constraint=False)
+        net_force = max(net_force, float(np.linalg.norm(forces.sum(axis=0))))
         temps.append(atoms.get_temperature())
         worst_stretch = max(worst_stretch, max_bond_stretch(atoms))
         frames.append(
@@ -185,9 +190,14 @@ def run_trajectory(
     fmax = max(float(np.abs(f.get_forces()).max()) for f in frames)
     print(
         f"[{spec.name}] <T> = {np.mean(temps):.0f} K, E range = {energies.min():.3f}..{energies.max():.3f} eV "
-        f"(std {energies.std():.3f}), max|F| = {fmax:.2f} eV/A, worst NN distance = {worst_stretch:.2f} A",
+        f"(std {energies.std():.3f}), max|F| = {fmax:.2f} eV/A, worst NN distance = {worst_stretch:.2f} A, "
+        f"max |sum F| = {net_force:.1e} eV/A",
         flush=True,
     )
+    if net_force > 1e-2:
+        raise RuntimeError(
+            f"[{spec.name}] saved forces have a net force of {net_force:.2e} eV/A"
+        )
     if worst_stretch > 1.6:
         print(
             f"[{spec.name}] WARNING: a nearest-neighbour distance exceeded 1.6 A (bond breaking?)",
