@@ -33,8 +33,9 @@ def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    global_options = argv[: next((k for k, a in enumerate(argv) if not a.startswith("-")), len(argv))]
     try:
-        registry = make_registry(strict="--strict-plugins" in argv)
+        registry = make_registry(strict="--strict-plugins" in global_options)
         parser, runners = build_parser(registry)
         args = parser.parse_args(argv)
         if not args.command:
@@ -47,3 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atomforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `atomforge plugins | head`
+        sys.stderr.close()
+        return 0

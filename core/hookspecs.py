@@ -59,8 +59,9 @@ def register_backbones(register: Callable[[BackboneSpec], None]) -> None:
 def register_losses(register: Callable[[LossSpec], None]) -> None:
     """Register loss terms, e.g. ``register(LossSpec(name="forces", factory=ForceLoss))``.
 
-    The factory receives the options of the config's ``loss`` entry (without ``name``) and returns
-    an :class:`atomforge.LossTerm`: ``term(batch, outputs) -> (scalar, logs)``.
+    The factory receives the options of the config's ``loss`` entry (without ``name`` and
+    ``weight``) and returns an :class:`atomforge.LossTerm`: ``term(batch, outputs, model)`` returns a
+    scalar tensor; ``term.requires`` names the labels and ``term.outputs`` the model outputs it needs.
     """
 
 

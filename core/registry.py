@@ -109,6 +109,12 @@ def _load_plugin(
     except Exception as error:  # noqa: BLE001 - any failure of a plugin must not stop the others
         pm.report_failure(name, distribution, error)
         return
+    try:
+        pm.check_pending()  # a misspelled hook (e.g. register_backbone) must not pass silently
+    except pluggy.PluginValidationError as error:
+        pm.unregister(name=name)
+        pm.report_failure(name, distribution, error)
+        return
     pm.distributions[name] = distribution
 
 

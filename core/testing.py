@@ -4,7 +4,8 @@
     check_backbone(MyNet, options={"hidden": 16})          # raises ConformanceError on failure
 
 Checks (float64 by default): finite-difference forces (central differences) and stress (finite
-strain), both always evaluated on a float64 copy, translation, rotation (only for backbones equivariant by construction; pass
+strain), both always evaluated on a float64 copy, a smooth cutoff (a dimer's energy and forces
+vanish continuously at the cutoff), translation, rotation (only for backbones equivariant by construction; pass
 ``equivariant=False`` for ones that are not), permutation, batch-vs-single consistency and a
 periodic cell vs its supercell (same energy per atom, tiled forces). The small periodic cell is
 smaller than the cutoff, so several images of one atom are neighbours.
@@ -122,6 +123,22 @@ def _scale(*arrays: np.ndarray) -> float:
     return max(1.0, *(float(np.abs(a).max()) for a in arrays))
 
 
+def _cutoff_check(potential: Potential, tol_cutoff: float) -> CheckResult:
+    """Energy and forces of a dimer must vanish continuously at the cutoff (no hard step)."""
+    rc = potential.cutoff
+
+    def dimer(r: float) -> dict[str, np.ndarray]:
+        return predict(potential, Atoms([8, 1], positions=[[0, 0, 0], [r, 0, 0]]))
+
+    apart = dimer(rc * (1 + 1e-5))
+    inside = dimer(rc * (1 - 1e-5))
+    typical = dimer(0.5 * rc)
+    scale = max(1e-3, abs(float(typical[K.ENERGY][0] - apart[K.ENERGY][0])))
+    jump = abs(float(inside[K.ENERGY][0] - apart[K.ENERGY][0])) / scale
+    force = float(np.abs(inside[K.FORCES]).max()) / max(scale, float(np.abs(typical[K.FORCES]).max()))
+    return CheckResult("smooth cutoff (dimer at the cutoff)", max(jump, force), tol_cutoff)
+
+
 def _checks(potential: Potential, systems: dict[str, Atoms], equivariant: bool, rng: np.random.Generator,
             tol: float, fd_tol: float, conservative: bool) -> list[CheckResult]:
     mol, xtal = systems["molecule"], systems["crystal"]
@@ -169,6 +186,7 @@ def _checks(potential: Potential, systems: dict[str, Atoms], equivariant: bool, 
     err = max(np.abs(together[K.ENERGY] - single_e).max() / _scale(single_e),
               np.abs(together[K.FORCES] - single_f).max() / _scale(single_f))
     results.append(CheckResult("batch vs single", float(err), tol))
+    results.append(_cutoff_check(potential, tol_cutoff=1e-3))
     reps = (2, 1, 2)
     big = predict(potential, xtal.repeat(reps))
     per_atom = big[K.ENERGY][0] / (len(xtal) * 4) - ref["crystal"][K.ENERGY][0] / len(xtal)

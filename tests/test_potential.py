@@ -67,3 +67,21 @@ def test_reference_energies_recover_known_composition_energies() -> None:
     np.testing.assert_allclose(atomic, [-13.6, -2041.0], atol=5e-3)
     assert scale == pytest.approx(0.5, rel=0.1)
     assert abs(shift) < 1e-3
+
+
+class _HardCutoff(Backbone):
+    """Broken on purpose: pair energy with a hard step at the cutoff."""
+
+    def __init__(self, *, num_elements: int, cutoff: float) -> None:
+        super().__init__(num_elements=num_elements, cutoff=cutoff)
+
+    def forward(self, batch):
+        r = batch[K.EDGE_LENGTHS]
+        pair = torch.exp(-r) * (r < self.cutoff).to(r.dtype)
+        e = pair.new_zeros(batch[K.POSITIONS].shape[0]).index_add(0, batch[K.EDGE_INDEX][0], pair)
+        return {K.NODE_ENERGY: e}
+
+
+def test_kit_catches_a_hard_cutoff() -> None:
+    with pytest.raises(ConformanceError, match=r"smooth cutoff"):
+        check_backbone(_HardCutoff)

@@ -187,3 +187,13 @@ def test_xtb_oracle_labels_a_molecule(registry) -> None:
     labels = get_labels(registry.get("oracles", "xtb").factory().label(molecule("H2O")))
     assert labels.energy < -100 and labels.forces.shape == (3, 3) and labels.stress is None
     assert abs(labels.forces.sum(0)).max() < 1e-6
+
+
+def test_a_misspelled_hook_is_reported_not_ignored() -> None:
+    def register_backbone(register):  # missing the "s"
+        register(BackboneSpec("never", object))
+
+    typo = _plugin("typo_plugin", register_backbone=register_backbone)
+    with pytest.warns(PluginLoadWarning, match=r"typo_plugin.*register_backbone"):
+        registry = make_registry(make_plugin_manager(entry_points=False, extra=[typo]))
+    assert "painn" in registry.names("backbones") and [f.plugin for f in registry.failures] == ["typo_plugin"]

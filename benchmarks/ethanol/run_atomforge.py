@@ -1,0 +1,137 @@
+"""Train and benchmark atomforge's PaiNN on the ethanol GFN2-xTB data (same budget as the peers).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ethanol/run_atomforge.py \\
+        --budget-seconds 900 --out benchmarks/ethanol/results/atomforge.json
+
+Steps: write an ``atomforge train`` config (950 train / 50 validation structures split off
+``data/train.extxyz``, ``data/test.extxyz`` as the independent test trajectory), train on ONE
+thread for ``--budget-seconds`` through the public API (the same code path as the CLI),
+evaluate the exported (best EMA) model on the test set, and time the ASE calculator on one
+ethanol (9 atoms) and on ``data/ethanol_999.extxyz``: median ms per ``get_forces()`` with a
+1e-4 Å random nudge before every call so nothing is cached. ``--time-only MODEL`` re-times a
+trained model (run_all.sh times both peers one after the other, on an idle machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.io import read
+
+import atomforge
+from atomforge.workflow import train
+
+HERE = Path(__file__).resolve().parent
+
+
+def config(args: argparse.Namespace) -> dict:
+    """The training config; every choice is visible here and echoed into the result JSON."""
+    return {
+        "data": {"train": str(args.data / "train.extxyz"), "test": str(args.data / "test.extxyz"),
+                 "valid_fraction": 0.05},
+        "model": {"backbone": "painn", "cutoff": args.cutoff, "hidden_channels": args.hidden,
+                  "num_layers": args.layers, "num_rbf": 20},
+        "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": args.forces_weight}],
+        "training": {"max_epochs": 100_000, "max_time": args.budget_seconds, "batch_size": args.batch_size,
+                     "lr": args.lr, "seed": args.seed, "num_threads": 1, "ema_decay": 0.995,
+                     "scheduler": {"name": "plateau", "patience": args.patience, "factor": 0.6}},
+        "output": str(args.run_dir),
+        "tracking": "none",
+    }
+
+
+def time_calculator(calc: object, atoms: Atoms, n_calls: int, n_warmup: int, seed: int) -> float:
+    """Median ms per ``get_forces()``; positions nudged by ~1e-4 Å before every call."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    times = []
+    for i in range(n_warmup + n_calls):
+        atoms.positions = atoms.positions + rng.normal(scale=1e-4, size=atoms.positions.shape)
+        start = time.perf_counter()
+        atoms.get_forces()
+        if i >= n_warmup:
+            times.append(1e3 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def timings(model_path: Path, args: argparse.Namespace) -> dict:
+    calc = atomforge.load_calculator(model_path)
+    small = read(args.data / "test.extxyz", 0)
+    large = read(args.data / "ethanol_999.extxyz")
+    return {"calc_ms_9_atoms": time_calculator(calc, small, args.n_calls_small, 20, args.seed),
+            "calc_ms_999_atoms": time_calculator(calc, large, args.n_calls_large, 2, args.seed)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=HERE / "data")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "atomforge.json")
+    p.add_argument("--run-dir", type=Path, default=HERE / "results" / "atomforge-run")
+    p.add_argument("--budget-seconds", type=float, default=900.0)
+    p.add_argument("--time-only", type=Path, default=None, metavar="MODEL")
+    p.add_argument("--n-calls-small", type=int, default=300)
+    p.add_argument("--n-calls-large", type=int, default=15)
+    p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--forces-weight", type=float, default=10.0)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.time_only:
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result.update(timings(args.time_only, args))
+        args.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
+    cfg = config(args)
+    resume = (args.run_dir / "checkpoint.pt").exists()
+    outcome = train(atomforge.config_from_dict(cfg), atomforge.make_registry(), resume=resume, verbose=False)
+    history = torch.load(args.run_dir / "checkpoint.pt", weights_only=True)["history"]
+    n_train = 950
+    steps_time = history[-1]["elapsed"]
+    model = atomforge.load_model(outcome.model_path)
+    result = {
+        "model": f"atomforge-painn-{args.hidden}x{args.layers}",
+        "config": cfg,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": steps_time,
+        "epochs": outcome.epochs,
+        "stopped_because": outcome.stopped_because,
+        "train_structures_per_s": sum(h["steps"] for h in history) * args.batch_size / steps_time,
+        "test_energy_mae_meV_per_atom": outcome.test_metrics["test_energy_mae"],
+        "test_force_mae_meV_per_A": outcome.test_metrics["test_forces_mae"],
+        "test_force_rmse_meV_per_A": outcome.test_metrics["test_forces_rmse"],
+        "n_train": n_train,
+        "threads": 1,
+        "torch_version": torch.__version__,
+        "atomforge_version": atomforge.__version__,
+        **timings(outcome.model_path, args),
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
