@@ -52,7 +52,7 @@ class PaiNNInteraction(nn.Module):
     def forward(
         self,
         s: torch.Tensor,
-        v: torch.Tensor,
+        v: torch.Tensor | None,
         filters: torch.Tensor,
         directions: torch.Tensor,
         centre: torch.Tensor,
@@ -61,7 +61,11 @@ class PaiNNInteraction(nn.Module):
         f = self.features
         x = self.context(s)[neighbour] * filters
         ds, dvv, dvs = torch.split(x, f, dim=-1)
-        dv = dvv.unsqueeze(1) * v[neighbour] + dvs.unsqueeze(1) * directions.unsqueeze(-1)
+        dv = dvs.unsqueeze(1) * directions.unsqueeze(-1)
+        if v is None:  # first block: vector features start at zero, so skip the zero term
+            v = s.new_zeros((s.shape[0], 3, f))
+        else:
+            dv = torch.addcmul(dv, dvv.unsqueeze(1), v[neighbour])
         s = s.index_add(0, centre, ds)
         v = v.index_add(0, centre, dv)
         uv, vv = torch.split(self.mix_vectors(v), f, dim=-1)
@@ -115,7 +119,7 @@ class PaiNN(Backbone):
         basis, envelope = self.radial(lengths)
         all_filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * self.features, -1)
         s = self.embedding(batch[K.ELEMENT_INDEX])
-        v = s.new_zeros((s.shape[0], 3, self.features))
+        v: torch.Tensor | None = None
         for layer, filters in zip(self.layers, all_filters):
             s, v = layer(s, v, filters, directions, centre, neighbour)
         return {K.NODE_ENERGY: self.readout(s).squeeze(-1), K.NODE_FEATURES: s}
