@@ -66,7 +66,7 @@ class LossTermConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    name: str = "plateau"  # plateau | cosine | exponential | none
+    name: str = "plateau"  # plateau | cosine | cosine_time (over max_time) | exponential | none
     factor: float = 0.5  # plateau: LR multiplier on a plateau
     patience: int = 10  # plateau: epochs without improvement before reducing
     min_lr: float = 1e-6  # lower bound of the LR
@@ -203,7 +203,7 @@ def _simple(cls: type, data: Mapping[str, Any], where: str, *, open_options: boo
     return cls(**data)
 
 
-SCHEDULERS = ("plateau", "cosine", "exponential", "none")
+SCHEDULERS = ("plateau", "cosine", "cosine_time", "exponential", "none")
 
 
 def _coerce(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
@@ -241,6 +241,8 @@ def _training(data: Mapping[str, Any]) -> TrainingConfig:
     if sched.name not in SCHEDULERS:
         raise ConfigError(f"training.scheduler.name: unknown scheduler {sched.name!r}; valid: {', '.join(SCHEDULERS)}")
     config = TrainingConfig(**data, scheduler=sched)
+    if sched.name == "cosine_time" and not config.max_time:
+        raise ConfigError("training.scheduler cosine_time decays the LR over training.max_time; set max_time")
     if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:
         raise ConfigError(
             "training: batch_size must be ≥ 1, max_epochs ≥ 0 and lr > 0; "

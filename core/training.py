@@ -144,12 +144,41 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, amsgrad=amsgrad)
 
 
+class TimeCosineLR:
+    """Cosine decay of the LR over the wall-clock budget ``max_time`` (for fixed-time training).
+
+    ``update_time(elapsed)`` sets ``lr = min_lr + (base - min_lr) * (1 + cos(pi * elapsed / max_time)) / 2``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_time: float, min_lr: float) -> None:
+        self.optimizer = optimizer
+        self.max_time = float(max_time)
+        self.min_lr = float(min_lr)
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def update_time(self, elapsed: float) -> None:
+        progress = min(1.0, max(0.0, elapsed / self.max_time))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lrs = list(state["base_lrs"])
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, name: str, *, max_epochs: int, factor: float = 0.5,
-    patience: int = 10, min_lr: float = 1e-6, gamma: float = 0.99,
+    patience: int = 10, min_lr: float = 1e-6, gamma: float = 0.99, max_time: float | None = None,
 ) -> Any:
-    """``plateau`` (on the validation loss), ``cosine`` (over ``max_epochs``), ``exponential``
-    (``gamma`` per epoch) or ``none``."""
+    """``plateau`` (on the validation loss), ``cosine`` (over ``max_epochs``), ``cosine_time``
+    (over the ``max_time`` budget, updated every step), ``exponential`` (``gamma`` per epoch) or
+    ``none``."""
+    if name == "cosine_time":
+        if not max_time:
+            raise ValueError("scheduler cosine_time needs training.max_time")
+        return TimeCosineLR(optimizer, max_time=max_time, min_lr=min_lr)
     if name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=factor, patience=patience, min_lr=min_lr
@@ -270,6 +299,8 @@ class TorchEngine:
             if self.settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.optimizer.step()
+            if hasattr(self.scheduler, "update_time"):
+                self.scheduler.update_time(self.elapsed + time.perf_counter() - started)
             if self.ema:
                 self.ema.update_parameters(self.model)
             total += float(loss.detach())
@@ -295,7 +326,7 @@ class TorchEngine:
         return total / count, acc.metrics()
 
     def _step_scheduler(self, valid_loss: float) -> None:
-        if self.scheduler is None:
+        if self.scheduler is None or hasattr(self.scheduler, "update_time"):
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(valid_loss)

@@ -250,7 +250,7 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
     optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay)
     s = t.scheduler
     scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
-                               patience=s.patience, min_lr=s.min_lr, gamma=s.gamma)
+                               patience=s.patience, min_lr=s.min_lr, gamma=s.gamma, max_time=t.max_time)
     callbacks: list[Any] = [TrackerCallback(tracker)]
     if verbose:
         callbacks.append(ProgressBar(t.max_epochs))

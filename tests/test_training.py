@@ -163,3 +163,14 @@ def test_float64_training(registry, cu_files, tmp_path) -> None:
     assert config["dtype"] == "float64"
     assert state["backbone.embedding.weight"].dtype == torch.float64
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_forces_mae"] > 0
+
+
+def test_cosine_time_schedule_decays_to_min_lr_over_the_budget(registry, cu_files, tmp_path) -> None:
+    cfg = tiny_config(cu_files, tmp_path / "run", max_epochs=10_000, max_time=3, lr=0.01,
+                      scheduler={"name": "cosine_time", "min_lr": 1e-5})
+    train(config_from_dict(cfg), registry, verbose=False)
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
+    lrs = [h["lr"] for h in history]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01 and lrs[-1] < 0.002
+    with pytest.raises(ConfigError, match="set max_time"):
+        config_from_dict(tiny_config(cu_files, tmp_path / "x", scheduler="cosine_time"))

@@ -45,7 +45,8 @@ def config(args: argparse.Namespace) -> dict:
         "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": args.forces_weight}],
         "training": {"max_epochs": 100_000, "max_time": args.budget_seconds, "batch_size": args.batch_size,
                      "lr": args.lr, "seed": args.seed, "num_threads": 1, "ema_decay": 0.995,
-                     "scheduler": {"name": "plateau", "patience": args.patience, "factor": 0.6}},
+                     "scheduler": {"name": args.scheduler, "patience": args.patience, "factor": 0.6,
+                                   "min_lr": args.min_lr}},
         "output": str(args.run_dir),
         "tracking": "none",
     }
@@ -89,7 +90,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--forces-weight", type=float, default=10.0)
-    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--scheduler", default="cosine_time", help="cosine_time | plateau | ...")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--patience", type=int, default=8, help="plateau scheduler only")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 

@@ -449,7 +449,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-valid", type=int, default=tc.n_valid)
     p.add_argument("--seed", type=int, default=tc.seed)
     p.add_argument("--dtype", choices=["float32", "float64"], default=tc.dtype)
+    p.add_argument("--time-only", action="store_true",
+                   help="re-time the model recorded in --out (no training) and update --out")
     return p.parse_args()
+
+
+def retime(args: argparse.Namespace) -> None:
+    """Re-measure calculator timings of an already trained model (machine otherwise idle)."""
+    summary = json.loads(args.out.read_text())
+    calc = MACECalculator(model_paths=summary["config"]["model_path"], device="cpu",
+                          default_dtype=args.dtype)
+    small = read_frames(args.data / "test.extxyz")[0].copy()
+    small.calc = None
+    big = ase.io.read(args.data / "ethanol_999.extxyz")
+    summary["calc_ms_9_atoms"], _ = time_calculator(calc, small, args.n_calls_small, n_warmup=20, seed=1)
+    summary["calc_ms_999_atoms"], _ = time_calculator(calc, big, args.n_calls_large, n_warmup=2, seed=2)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"re-timed: {summary['calc_ms_9_atoms']:.2f} ms (9 atoms), {summary['calc_ms_999_atoms']:.1f} ms (999)")
 
 
 def main() -> None:
@@ -458,6 +474,9 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     torch.set_default_dtype(getattr(torch, args.dtype))
+    if args.time_only:
+        retime(args)
+        return
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
