@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,15 @@ from atomforge import ConfigError, DataSourceSpec, DataValidationError, attach_l
 
 
 def _paths(options: dict[str, Any], base_dir: Path) -> list[Path]:
-    raw = options.pop("paths", None) or options.pop("path", None)
-    if raw is None:
+    one, many = options.pop("path", None), options.pop("paths", None)
+    if one is not None and many is not None:
+        raise ConfigError("data source got both 'path' and 'paths'; give one of them")
+    raw = one if one is not None else many
+    if raw is None or (not isinstance(raw, (str, Path)) and len(raw) == 0):
         raise ConfigError("data source needs 'path' (a file) or 'paths' (a list of files)")
-    paths = [Path(p) if Path(p).is_absolute() else base_dir / p for p in ([raw] if isinstance(raw, (str, Path)) else raw)]
+    raw_list = [raw] if isinstance(raw, (str, Path)) else list(raw)
+    paths = [Path(p).expanduser() for p in raw_list]
+    paths = [p if p.is_absolute() else Path(base_dir) / p for p in paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise ConfigError(f"data file(s) not found: {missing}")
@@ -48,7 +54,15 @@ def _vasprun_frames(path: Path) -> list[Atoms]:
     from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.io.vasp import Vasprun
 
-    run = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
+    try:
+        run = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
+    except Exception as error:  # noqa: BLE001 - XML syntax errors, truncated runs, ...
+        raise DataValidationError(f"pymatgen could not read {path} as a vasprun.xml: {error}") from error
+    if not run.ionic_steps:
+        raise DataValidationError(
+            f"{path} has no ionic steps with energies and forces (an ML_LMLFF molecular-dynamics "
+            "run, or a run that stopped before its first ionic step?)"
+        )
     frames = []
     for step in run.ionic_steps:
         atoms = AseAtomsAdaptor.get_atoms(step["structure"])
@@ -77,7 +91,9 @@ def read_pymatgen(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
         raise ConfigError(f"pymatgen data source: unknown option(s) {sorted(options)}; valid: path, paths")
     structures: list[Atoms] = []
     for path in paths:
-        if "vasprun" in path.name and path.name.endswith((".xml", ".xml.gz")):
+        # Also custodian's vasprun.xml.relax1(.gz): Structure.from_file would give the final
+        # structure alone, unlabelled.
+        if fnmatch(path.name.lower(), "*vasprun*.xml*"):
             structures.extend(_vasprun_frames(path))
             continue
         try:
