@@ -43,10 +43,34 @@ def read_ase(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
     structures: list[Atoms] = []
     for path in paths:
         try:
-            read = ase.io.read(path, index=index, format=fmt)
+            if _is_ase_db(path, fmt):
+                read = _read_db(path, index)
+            else:
+                read = ase.io.read(path, index=index, format=fmt)
         except Exception as error:  # noqa: BLE001 - reader errors vary by format
             raise DataValidationError(f"ase.io.read could not read {path}: {error}") from error
         structures.extend(read if isinstance(read, list) else [read])
+    return structures
+
+
+def _is_ase_db(path: Path, fmt: str | None) -> bool:
+    return fmt == "db" or (fmt is None and path.suffix == ".db")
+
+
+def _read_db(path: Path, index: Any) -> list[Atoms]:
+    """Rows of an ASE db with their labels, and their key-value pairs (charge, spin, fidelity,
+    weight, ...) copied into ``atoms.info`` — ``ase.io.read`` drops those."""
+    import ase.db
+    from ase.io.formats import string2index
+
+    rows = list(ase.db.connect(path).select())
+    chosen = string2index(index) if isinstance(index, str) else index
+    rows = rows[chosen] if isinstance(chosen, slice) else [rows[chosen]]
+    structures = []
+    for row in rows:
+        atoms = row.toatoms()
+        atoms.info.update(row.key_value_pairs)
+        structures.append(atoms)
     return structures
 
 

@@ -566,3 +566,23 @@ def test_vasprun_frames_logic_with_a_fake_parser(read_pymatgen: Reader, tmp_path
     np.testing.assert_allclose(first.stress, np.diag([-1.0, -2.0, -3.0]) * GPa)
     assert second.stress is None
     np.testing.assert_allclose(second.forces, np.zeros((2, 3)))
+
+
+def test_ase_db_keeps_per_structure_metadata(tmp_path) -> None:
+    import ase.db
+
+    from atomforge import GraphDataset, collate, get_labels, keys as K, make_registry
+    from conftest import cu_structures
+
+    a, b = cu_structures(2, seed=4)
+    a.set_initial_charges([-1.0] + [0.0] * (len(a) - 1))  # ASE db derives its 'charge' from these
+    with ase.db.connect(tmp_path / "meta.db") as db:
+        db.write(a, spin=2, fidelity=1, weight=0.25)
+        db.write(b)
+    read = make_registry().get("data_sources", "ase").factory({"path": "meta.db"}, tmp_path)
+    assert get_labels(read[0]).energy == pytest.approx(get_labels(a).energy)
+    batch = collate(GraphDataset(read, 3.0).graphs)
+    assert batch[K.CHARGE].tolist() == [-1.0, 0.0] and batch[K.WEIGHT].tolist() == [0.25, 1.0]
+    assert batch[K.FIDELITY].tolist() == [1, 0] and batch[K.SPIN].tolist() == [2.0, 0.0]
+    only_second = make_registry().get("data_sources", "ase").factory({"path": "meta.db", "index": "-1"}, tmp_path)
+    assert len(only_second) == 1 and only_second[0].info.get("weight") is None
