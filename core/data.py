@@ -95,10 +95,12 @@ def _as_energy(value: object) -> float:
 
 
 def get_metadata(atoms: Atoms) -> Metadata:
-    """Charge, spin, fidelity and weight from ``atoms.info`` (defaults where absent)."""
+    """Charge, spin, fidelity and weight from ``atoms.info`` (defaults where absent; the charge
+    defaults to the sum of ASE's per-atom initial charges, which is how an ASE db stores it)."""
     info = atoms.info
+    default_charge = float(atoms.arrays["initial_charges"].sum()) if "initial_charges" in atoms.arrays else 0.0
     return Metadata(
-        charge=float(info.get("charge", 0.0)),
+        charge=float(info.get("charge", default_charge)),
         spin=float(info.get("spin", 0.0)),
         fidelity=int(info.get("fidelity", 0)),
         weight=float(info.get("weight", 1.0)),

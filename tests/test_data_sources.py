@@ -571,11 +571,13 @@ def test_vasprun_frames_logic_with_a_fake_parser(read_pymatgen: Reader, tmp_path
 def test_ase_db_keeps_per_structure_metadata(tmp_path) -> None:
     import ase.db
 
-    from atomforge import GraphDataset, collate, get_labels, keys as K, make_registry
+    from atomforge import GraphDataset, attach_labels, collate, get_labels, keys as K, make_registry
     from conftest import cu_structures
 
     a, b = cu_structures(2, seed=4)
+    labels = get_labels(a)
     a.set_initial_charges([-1.0] + [0.0] * (len(a) - 1))  # ASE db derives its 'charge' from these
+    a = attach_labels(a, energy=labels.energy, forces=labels.forces, stress=labels.stress)
     with ase.db.connect(tmp_path / "meta.db") as db:
         db.write(a, spin=2, fidelity=1, weight=0.25)
         db.write(b)
