@@ -75,7 +75,7 @@ def run_demo(registry: Registry, out: Path, *, quick: bool = False, tracking: st
         "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0},
                  {"name": "stress", "weight": 100.0}],
         "training": {"max_epochs": 6 if quick else 60, "max_time": "30s" if quick else "4m",
-                     "batch_size": 4, "lr": 0.003, "seed": 0, "scheduler": {"name": "plateau", "patience": 5}},
+                     "batch_size": 4, "lr": 0.003, "seed": 0, "num_threads": 1, "scheduler": {"name": "plateau", "patience": 5}},
         "output": "run",
         "tracking": {"name": tracking, "experiment": "atomforge-demo"},
     }
