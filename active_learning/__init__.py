@@ -1,3 +1,19 @@
 """Active learning for atomforge: the campaign loop, campaign state on disk, the label journal
-and the ``al`` CLI commands (registered through the commands hook). Reaches plugins only through
-the registry. (The campaign loop is tracked by the active-learning issue.)"""
+and the ``al`` CLI commands (registered through the commands hook, module
+``atomforge.active_learning.commands``). Reaches plugins only through the registry, by name.
+See ``docs/active_learning.md``.
+"""
+
+from ._campaign import Campaign, CampaignResult
+from ._config import CampaignConfig, campaign_from_dict, load_campaign
+from ._labelling import InlineExecutor, OracleCall, label_all, label_one, make_executor
+from ._loop import run_campaign
+from ._store import JournalEntry, LabelJournal, LabelledSet, structure_hash, write_json_atomic
+from .commands import campaign_status, export_campaign
+
+__all__ = [
+    "Campaign", "CampaignResult", "CampaignConfig", "campaign_from_dict", "load_campaign", "run_campaign",
+    "InlineExecutor", "OracleCall", "label_all", "label_one", "make_executor",
+    "JournalEntry", "LabelJournal", "LabelledSet", "structure_hash", "write_json_atomic",
+    "campaign_status", "export_campaign",
+]

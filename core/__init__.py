@@ -37,13 +37,14 @@ from .data import Labels, Metadata, attach_labels, get_labels, get_metadata, val
 from .evaluate import evaluate, parity_plot
 from .graph import GraphDataset, atoms_to_graph, collate, iterate_batches, neighbor_list
 from .hookspecs import hookimpl, hookspec
-from .losses import CompositeLoss, LossTerm, WeightedTerm
+from .losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm
 from .modelfile import build_potential, load_model, read_model_file, save_model
-from .oracle import CalculatorOracle, Oracle
+from .oracle import CalculatorOracle, LabelResult, Oracle, OracleFailure, OracleTimeout, label_safely
 from .potential import Backbone, Potential, fit_normalization
 from .registry import DEFAULT_PLUGINS, PluginLoadWarning, Registry, make_plugin_manager, make_registry
 from .tracking import Tracker
 from .training import TorchEngine, TrainResult, TrainSettings
+from .uncertainty import UQFitContext, UQHead, calibrate, evaluate_uncertainty
 
 __version__ = "0.1.0"
 
@@ -66,8 +67,10 @@ __all__ = [
     "Backbone", "Potential", "fit_normalization", "build_potential", "load_model",
     "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",
     # training
-    "CompositeLoss", "LossTerm", "WeightedTerm", "TorchEngine", "TrainResult", "TrainSettings",
+    "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "TorchEngine", "TrainResult", "TrainSettings",
     "RunConfig", "config_from_dict", "load_config", "evaluate", "parity_plot",
+    # uncertainty
+    "UQHead", "UQFitContext", "calibrate", "evaluate_uncertainty",
     # oracles, tracking
-    "CalculatorOracle", "Oracle", "Tracker",
+    "CalculatorOracle", "Oracle", "OracleFailure", "OracleTimeout", "LabelResult", "label_safely", "Tracker",
 ]

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ._specs import CommandSpec, PluginKind
 from .hookspecs import hookimpl
@@ -44,7 +44,47 @@ def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:
                         f"{metrics[prefix + '_rmse']:10.3f}  {unit}")
     if len(rows) == 1:
         rows.append("  (no labels to compare against)")
+    rows.extend(_format_uq(metrics))
+    rows.extend(f"  {key[8:]:<28} {value:12.5g}" for key, value in metrics.items() if key.startswith("physics_"))
     return "\n".join(rows)
+
+
+def _physics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--physics`` and its settings (defaults: :class:`atomforge.config.EvaluationConfig`)."""
+    from .config import EvaluationConfig
+
+    d = EvaluationConfig()
+    group = parser.add_argument_group("physics metrics (--physics; see docs/physics.md)")
+    group.add_argument("--physics", action="store_true",
+                       help="also report rotation error, curl, NVE energy drift and MD stability")
+    group.add_argument("--structures", type=int, default=d.structures, help="structures for rotation and curl")
+    group.add_argument("--rotations", type=int, default=d.rotations, help="random rotations per structure")
+    group.add_argument("--curl-probes", type=int, default=d.curl_probes, help="Hutchinson probes per batch")
+    group.add_argument("--nve-steps", type=int, default=d.nve_steps, help="NVE steps from the first structure (0: none)")
+    group.add_argument("--timestep", type=float, default=d.timestep_fs, help="NVE time step, fs")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="initial temperature, K")
+    group.add_argument("--seed", type=int, default=d.seed)
+
+
+def _physics_settings(args: argparse.Namespace) -> Any:
+    """The :class:`EvaluationConfig` of the command line, validated like the config section."""
+    from .config import _evaluation
+
+    return _evaluation({"physics": True, "structures": args.structures, "rotations": args.rotations,
+                        "curl_probes": args.curl_probes, "nve_steps": args.nve_steps,
+                        "timestep_fs": args.timestep, "temperature": args.temperature, "seed": args.seed})
+
+
+def _format_uq(metrics: dict[str, float]) -> list[str]:
+    """Rows for the ``uq_*`` metrics of a model with a UQ head (see docs/uq.md)."""
+    rows = []
+    for quantity, unit, rho in (("energy", "eV", "energy_spearman"), ("forces", "eV/Å", "forces_spearman_structure")):
+        if f"uq_{quantity}_std_mean" in metrics:
+            m = {k[3:]: v for k, v in metrics.items() if k.startswith("uq_")}
+            rows.append(f"  {quantity:<7} mean std {m[quantity + '_std_mean']:.4g} {unit}  Spearman ρ "
+                        f"{m[rho]:.3f}  NLL {m[quantity + '_nll']:.3f}  miscal. area "
+                        f"{m[quantity + '_miscalibration_area']:.3f}  ENCE {m[quantity + '_ence']:.3f}")
+    return rows
 
 
 def _evaluate(parser: argparse.ArgumentParser) -> Runner:
@@ -53,6 +93,7 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--source", default="ase", help="data-source plugin used to read DATA")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _physics_arguments(parser)
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
         from .evaluate import evaluate
@@ -65,6 +106,14 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
             structures = reader({"path": str(path)}, Path.cwd())
             report[str(path)] = {"n_structures": len(structures),
                                  **evaluate(model, structures, batch_size=args.batch_size).metrics()}
+            if hasattr(model, "calibration"):  # a UQ head: spread vs error too
+                from .uncertainty import uncertainty_metrics
+
+                report[str(path)].update(uncertainty_metrics(model, structures, batch_size=args.batch_size))
+            if args.physics:  # rotation error, curl, NVE drift, MD stability (docs/physics.md)
+                from .physics import physics_metrics
+
+                report[str(path)].update(physics_metrics(model, structures, _physics_settings(args)))
         if args.json:
             print(json.dumps(report, indent=2))
         else:

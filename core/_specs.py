@@ -75,7 +75,8 @@ class DataSourceSpec(_Spec):
 
 @dataclass(frozen=True)
 class UQHeadSpec(_Spec):
-    """An uncertainty head. ``factory(potential, **options) -> nn.Module`` returning mean and std."""
+    """An uncertainty head. ``factory(potential, **options) -> atomforge.UQHead`` (mean outputs
+    plus ``energy_std``, ``forces_std``, ``forces_std_max``; see docs/uq.md)."""
 
     kind: PluginKind = PluginKind.UQ_HEAD
 

@@ -17,7 +17,10 @@ from .data import check_geometry
 from .graph import atoms_to_graph, collate
 from .potential import Potential
 
-__all__ = ["AtomforgeCalculator", "load_calculator"]
+__all__ = ["AtomforgeCalculator", "UNCERTAINTY_PROPERTIES", "load_calculator"]
+
+#: extra results of a model with a UQ head (calibrated): eV, [N] eV/Å, eV/Å
+UNCERTAINTY_PROPERTIES = (K.ENERGY_STD, K.FORCES_STD, K.FORCES_STD_MAX)
 
 
 class AtomforgeCalculator(Calculator):
@@ -25,6 +28,11 @@ class AtomforgeCalculator(Calculator):
 
     The calculator works on its own copy of the model with parameter gradients switched off, so
     that autograd only tracks positions and strain.
+
+    With a UQ head (``uq`` in the model file, see ``docs/uq.md``) it also reports, calibrated:
+    ``energy_std`` (eV, float), ``forces_std`` (eV/Å, [N]: the std of each force component of
+    an atom) and ``forces_std_max`` (eV/Å, float: the largest ``forces_std``). Energy, forces and
+    stress are then the head's means.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -46,6 +54,8 @@ class AtomforgeCalculator(Calculator):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.dtype = _float_dtype(self.model)
+        if getattr(self.model, "calibration", None) is not None:  # a UQ head: std keys too
+            self.implemented_properties = [*type(self).implemented_properties, *UNCERTAINTY_PROPERTIES]
 
     def calculate(
         self,
@@ -69,6 +79,10 @@ class AtomforgeCalculator(Calculator):
         if want_stress:
             stress = out[K.STRESS].detach().cpu().double().numpy()[0]
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
+        for key in UNCERTAINTY_PROPERTIES:
+            if key in out:
+                value = out[key].detach().cpu().double().numpy()
+                self.results[key] = float(value[0]) if key != K.FORCES_STD else value
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:

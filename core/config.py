@@ -25,6 +25,8 @@ __all__ = [
     "SchedulerConfig",
     "TrainingConfig",
     "TrackingConfig",
+    "UQConfig",
+    "EvaluationConfig",
     "RunConfig",
     "load_config",
     "config_from_dict",
@@ -98,6 +100,30 @@ class TrackingConfig:
     options: dict[str, Any] = field(default_factory=dict)  # other keys: the tracker's options
 
 
+@dataclass(frozen=True)
+class UQConfig:
+    name: str  # registry name of the UQ head: deep_ensemble | shallow_ensemble | mc_dropout | latent_distance
+    calibration: str = "scale"  # fitted on the validation set: scale | isotonic | none
+    options: dict[str, Any] = field(default_factory=dict)  # other keys: the head's options
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Physics metrics after training (``atomforge.physics``; docs/physics.md)."""
+
+    physics: bool = False  # compute them after training and log them (physics_* metrics)
+    structures: int = 16  # first N test (else validation) structures for rotation and curl
+    rotations: int = 8  # random rotations per structure for the equivariance error
+    curl_probes: int = 4  # Hutchinson probes per batch for the curl estimate
+    nve_steps: int = 2000  # NVE steps from the first structure (0 = no MD)
+    timestep_fs: float = 0.5  # NVE time step, fs
+    temperature: float = 300.0  # K, initial Maxwell-Boltzmann velocities
+    min_distance: float = 0.5  # Å; two atoms closer than this = overlap (MD unstable)
+    bond_stretch: float = 1.6  # open systems: a bond longer than this x the covalent-radii sum is broken
+    max_energy_deviation: float = 0.25  # eV/atom; total energy leaving this window = blow-up
+    seed: int = 0  # rotations, probes and MD velocities
+
+
 DEFAULT_LOSS = (LossTermConfig("energy", 1.0), LossTermConfig("forces", 10.0))
 
 
@@ -109,6 +135,8 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: Path = Path("runs/train")  # run directory (resolved against the config file)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    uq: UQConfig | None = None  # optional uncertainty head (docs/uq.md)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # physics metrics
     base_dir: Path = Path(".")  # folder of the config file; data sources resolve paths against it
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,7 +295,31 @@ def _loss(value: Any) -> tuple[LossTermConfig, ...]:
     return tuple(terms)
 
 
-_TOP = ("data", "model", "loss", "training", "output", "tracking")
+_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation")
+
+
+def _uq(value: Any) -> UQConfig | None:
+    if value is None:
+        return None
+    item = {"name": value} if isinstance(value, str) else _mapping(value, "uq")
+    if "name" not in item:
+        raise ConfigError("uq: missing 'name' (a UQ head such as deep_ensemble, shallow_ensemble)")
+    config = _simple(UQConfig, item, "uq", open_options=True)
+    if config.calibration not in ("scale", "isotonic", "none"):
+        raise ConfigError(f"uq.calibration: unknown method {config.calibration!r}; valid: scale, isotonic, none")
+    return config
+
+
+def _evaluation(value: Any) -> EvaluationConfig:
+    data = _mapping(value, "evaluation")
+    _check_keys(data, _fields_of(EvaluationConfig), "evaluation")
+    if not isinstance(data.get("physics", False), bool):
+        raise ConfigError(f"evaluation.physics: expected true or false, got {data['physics']!r}")
+    config = EvaluationConfig(**_coerce(data, EvaluationConfig, "evaluation"))
+    if min(config.structures, config.rotations, config.curl_probes) < 1 or config.nve_steps < 0:
+        raise ConfigError("evaluation: structures, rotations and curl_probes must be ≥ 1 and nve_steps ≥ 0; got "
+                          f"{config.structures}, {config.rotations}, {config.curl_probes}, {config.nve_steps}")
+    return config
 
 
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunConfig:
@@ -300,6 +352,8 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         training=_training(raw.get("training")),
         output=Path(_resolve_path(raw.get("output", "runs/train"), base_dir)),
         tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
+        uq=_uq(raw.get("uq")),
+        evaluation=_evaluation(raw.get("evaluation")),
         base_dir=base_dir,
     )
 

@@ -76,7 +76,14 @@ def register_data_sources(register: Callable[[DataSourceSpec], None]) -> None:
 
 @hookspec
 def register_uq_heads(register: Callable[[UQHeadSpec], None]) -> None:
-    """Register uncertainty heads (ensembles, dropout, latent distance)."""
+    """Register uncertainty heads, e.g. ``register(UQHeadSpec(name="deep_ensemble", factory=DeepEnsemble))``.
+
+    ``factory(potential, **options)`` wraps a :class:`atomforge.Potential` (any backbone) and
+    returns an :class:`atomforge.UQHead`, whose ``forward(batch, compute_forces=, compute_stress=)``
+    returns the mean outputs plus ``keys.ENERGY_STD``, ``keys.FORCES_STD`` and
+    ``keys.FORCES_STD_MAX`` (calibrated). Options come from the config's ``uq`` block. Built-ins:
+    ``deep_ensemble``, ``shallow_ensemble``, ``mc_dropout``, ``latent_distance``. See docs/uq.md.
+    """
 
 
 @hookspec

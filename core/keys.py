@@ -35,6 +35,12 @@ NODE_ENERGY: Final = "node_energy"  # [N] float, eV, per-atom energy contributio
 NODE_FEATURES: Final = "node_features"  # [N, F] float, latent per-atom features (for UQ heads)
 DIRECT_FORCES: Final = "direct_forces"  # [N, 3] float, eV/Å, from a direct force head
 VIRIAL: Final = "virial"  # [B, 3, 3] float, eV
+# -- uncertainty (outputs of a UQ head, see docs/uq.md; calibrated when the model file holds a
+#    calibration) ----------------------------------------------------------------------------------
+ENERGY_STD: Final = "energy_std"  # [B] float, eV, predicted std of the structure's energy
+FORCES_STD: Final = "forces_std"  # [N] float, eV/Å, predicted std of each force component of an atom
+FORCES_STD_MAX: Final = "forces_std_max"  # [B] float, eV/Å, largest FORCES_STD in the structure
 
 LABEL_KEYS: Final = (ENERGY, FORCES, STRESS)
 METADATA_KEYS: Final = (CHARGE, SPIN, FIDELITY, WEIGHT)
+STD_KEYS: Final = (ENERGY_STD, FORCES_STD, FORCES_STD_MAX)

@@ -1,5 +1,12 @@
 """The loss interface: loss plugins build :class:`LossTerm` objects; a :class:`CompositeLoss`
-sums them with their weights."""
+sums them with their weights.
+
+A term may also transform the training data: a term with an ``augment(batch, generator) ->
+batch`` method (the :class:`Augmentation` protocol, e.g. ``rotation_augmentation``) is applied by
+:meth:`CompositeLoss.augment`, which the engine calls on every *training* batch before the forward
+pass (never on validation or test batches), with a generator the engine seeds per epoch so that
+resumed runs see the same augmented data.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["LossTerm", "WeightedTerm", "CompositeLoss"]
+__all__ = ["LossTerm", "Augmentation", "WeightedTerm", "CompositeLoss"]
 
 
 @runtime_checkable
@@ -26,6 +33,17 @@ class LossTerm(Protocol):
     def __call__(
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], model: torch.nn.Module
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Augmentation(Protocol):
+    """Optional extra of a loss term: transform a training batch before the forward pass.
+
+    ``augment`` returns a new batch (do not modify the input's tensors in place) whose labels
+    are transformed consistently with the inputs. Draw all randomness from ``generator``.
+    """
+
+    def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,13 @@ class CompositeLoss:
     def outputs(self) -> tuple[str, ...]:
         """All model outputs any term needs."""
         return tuple(sorted({out for t in self.terms for out in t.term.outputs}))
+
+    def augment(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Apply every term's ``augment`` (if it has one) in config order; training batches only."""
+        for t in self.terms:
+            if isinstance(t.term, Augmentation):
+                batch = t.term.augment(batch, generator)
+        return batch
 
     def __call__(
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], model: torch.nn.Module

@@ -19,7 +19,9 @@ from .potential import Potential
 from .registry import Registry, make_registry
 from .training import atomic_save
 
-__all__ = ["FORMAT", "VERSION", "build_potential", "save_model", "load_model", "read_model_file"]
+__all__ = [
+    "FORMAT", "VERSION", "build_model", "build_potential", "save_model", "load_model", "read_model_file",
+]
 
 FORMAT = "atomforge-model"
 VERSION = 1
@@ -47,14 +49,25 @@ def build_potential(config: Mapping[str, Any], registry: Registry) -> Potential:
     return potential.to(getattr(torch, config.get("dtype", "float32")))
 
 
+def build_model(config: Mapping[str, Any], registry: Registry) -> torch.nn.Module:
+    """:func:`build_potential`, wrapped in its UQ head when the config has a ``uq`` record
+    (``{name, options, calibration}``; see ``docs/uq.md``)."""
+    potential = build_potential(config, registry)
+    if not config.get("uq"):
+        return potential
+    from .uncertainty import build_uq_head
+
+    return build_uq_head(potential, config["uq"], registry)
+
+
 def save_model(
-    potential: Potential,
+    potential: torch.nn.Module,
     path: Path | str,
     *,
     config: Mapping[str, Any],
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``potential`` and its rebuild ``config`` atomically to ``path``."""
+    """Write ``potential`` (or a UQ head around one) and its rebuild ``config`` atomically."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -88,11 +101,17 @@ def read_model_file(path: Path | str) -> tuple[dict[str, Any], dict[str, Any], d
 
 def load_model(
     path: Path | str, *, registry: Registry | None = None, dtype: torch.dtype | None = None
-) -> Potential:
-    """Rebuild a :class:`Potential` from a model file (eval mode, on CPU)."""
+) -> torch.nn.Module:
+    """Rebuild a :class:`Potential` (or its UQ head) from a model file (eval mode, on CPU)."""
     config, _, state = read_model_file(path)
     registry = registry or make_registry()
     kind = PluginKind.BACKBONE
+    uq = config.get("uq") or {}
+    if uq and uq["name"] not in registry.names(PluginKind.UQ_HEAD):
+        raise ModelFileError(
+            f"{path} needs UQ head {uq['name']!r} from distribution {uq.get('provider', 'unknown')!r}, "
+            f"which is not installed here (available: {', '.join(registry.names(PluginKind.UQ_HEAD))})."
+        )
     if config["backbone"] not in registry.names(kind):
         provider = config.get("provider", "unknown")
         raise ModelFileError(
@@ -100,7 +119,7 @@ def load_model(
             f"not installed here (available: {', '.join(registry.names(kind))}). "
             f"Install {provider!r} and try again."
         )
-    potential = build_potential(config, registry)
+    potential = build_model(config, registry)
     potential.load_state_dict(state)
     if dtype is not None:
         potential = potential.to(dtype)

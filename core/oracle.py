@@ -1,16 +1,47 @@
-"""The oracle interface: something that labels structures (energy, forces, stress)."""
+"""The oracle interface: something that labels structures (energy, forces, stress).
+
+An oracle's ``label(atoms)`` returns a labelled copy or raises. Active learning never calls it
+bare: :func:`label_safely` adds a time limit, retries and a check for non-finite labels, and
+turns every failure into a :class:`LabelResult` with a reason, so that one bad candidate (an SCF
+that does not converge, a NaN, a hung calculation) is recorded and skipped instead of stopping a
+campaign.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from .data import attach_labels
+from ._errors import AtomforgeError
+from .data import attach_labels, get_labels
 
-__all__ = ["Oracle", "CalculatorOracle"]
+__all__ = [
+    "Oracle",
+    "CalculatorOracle",
+    "OracleFailure",
+    "OracleTimeout",
+    "LabelResult",
+    "label_safely",
+    "check_labels_finite",
+    "time_limit",
+]
+
+
+class OracleFailure(AtomforgeError):
+    """Raised by an oracle (or :func:`check_labels_finite`) when a structure cannot be labelled:
+    an SCF that did not converge, non-finite labels, a geometry the method cannot handle."""
+
+
+class OracleTimeout(OracleFailure):
+    """Raised inside :func:`time_limit` when a label call runs past its time limit."""
 
 
 @runtime_checkable
@@ -23,22 +54,124 @@ class Oracle(Protocol):
 
 
 class CalculatorOracle:
-    """An oracle backed by any ASE calculator (built anew per call by ``make_calculator``)."""
+    """An oracle backed by any ASE calculator, made by ``make_calculator``.
 
-    def __init__(self, name: str, make_calculator: "type[Calculator] | callable", *, stress: bool = True) -> None:
+    With ``reuse=False`` (default) a fresh calculator is built for every structure, so no state
+    leaks between labels. ``reuse=True`` builds it once and resets it before each call: use it for
+    calculators that are expensive to build (pretrained models that load weights).
+    """
+
+    def __init__(self, name: str, make_calculator: "type[Calculator] | Callable[[], Calculator]", *,
+                 stress: bool = True, reuse: bool = False) -> None:
         self.name = name
         self.make_calculator = make_calculator
-        self.stress = stress  # also label stress for 3D-periodic structures
+        self.stress = stress  # also label stress for 3D-periodic structures (if the calculator has it)
+        self.reuse = reuse  # build the calculator once and reset it before each call
+        self._calculator: Calculator | None = None
+
+    def _calculator_for_call(self) -> Calculator:
+        if not self.reuse:
+            return self.make_calculator()
+        if self._calculator is None:
+            self._calculator = self.make_calculator()
+        self._calculator.reset()
+        return self._calculator
 
     def label(self, atoms: Atoms) -> Atoms:
         work = atoms.copy()
         work.set_constraint()  # labels are the raw physics; constraints belong to the simulation
-        work.calc = self.make_calculator()
+        work.calc = calculator = self._calculator_for_call()
         energy = work.get_potential_energy()
         forces = work.get_forces()
-        stress = work.get_stress(voigt=True) if self.stress and bool(np.all(work.pbc)) else None
+        has_stress = "stress" in getattr(calculator, "implemented_properties", ("stress",))
+        stress = work.get_stress(voigt=True) if self.stress and has_stress and work.pbc.all() else None
         return attach_labels(atoms, energy=energy, forces=forces, stress=stress)
 
     def label_many(self, structures: Sequence[Atoms]) -> list[Atoms]:
         """Label each structure in turn."""
         return [self.label(a) for a in structures]
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """The outcome of labelling one candidate: the labelled copy, or why there is none."""
+
+    key: str  # the candidate's structure hash (the label journal's key)
+    atoms: Atoms | None  # labelled copy (SinglePointCalculator); None when labelling failed
+    error: str | None = None  # why it failed, e.g. "OracleTimeout: no result within 30 s"
+    attempts: int = 1  # label calls made (1 + retries used)
+    seconds: float = 0.0  # wall-clock time of all attempts
+
+    @property
+    def ok(self) -> bool:
+        """Whether the candidate was labelled."""
+        return self.error is None
+
+
+def check_labels_finite(atoms: Atoms) -> None:
+    """Raise :class:`OracleFailure` if the energy is missing or any label is NaN/inf."""
+    labels = get_labels(atoms)
+    if labels.energy is None:
+        raise OracleFailure("the oracle returned no energy")
+    for name in ("energy", "forces", "stress"):
+        value = getattr(labels, name)
+        if value is not None and not np.all(np.isfinite(value)):
+            raise OracleFailure(f"the oracle returned non-finite {name} (NaN or inf)")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`OracleTimeout` in the block after ``seconds`` of wall-clock time.
+
+    Uses ``SIGALRM``, so it works in the main thread of a process (the local process pool's
+    workers and serial labelling). In other threads (thread pools, dask workers) it is a no-op:
+    use a process-based executor when calculations can hang. Native code that never returns to
+    the interpreter is interrupted only when it does.
+    """
+    if not seconds or not _in_main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise OracleTimeout(f"no result within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _one_attempt(oracle: Oracle, atoms: Atoms, timeout: float | None) -> Atoms:
+    with time_limit(timeout):
+        labelled = oracle.label(atoms)
+    check_labels_finite(labelled)
+    return labelled
+
+
+def label_safely(oracle: Oracle, atoms: Atoms, *, key: str = "", timeout: float | None = None,
+                 retries: int = 0) -> LabelResult:
+    """Label ``atoms`` with up to ``1 + retries`` attempts, each limited to ``timeout`` seconds.
+
+    Any exception (and non-finite labels) becomes a failed :class:`LabelResult` naming the
+    error; a timeout is final (the same calculation would hit it again) and is not retried.
+    ``KeyboardInterrupt``/``SystemExit`` still propagate, so a campaign can be stopped.
+    """
+    if retries < 0:
+        raise OracleFailure(f"retries must be ≥ 0; got {retries}")
+    started, error = time.perf_counter(), ""
+    for attempt in range(1, retries + 2):
+        try:
+            labelled = _one_attempt(oracle, atoms, timeout)
+            return LabelResult(key, labelled, None, attempt, time.perf_counter() - started)
+        except OracleTimeout as failure:
+            return LabelResult(key, None, f"OracleTimeout: {failure}", attempt, time.perf_counter() - started)
+        except Exception as failure:  # noqa: BLE001 - any oracle failure is recorded, never fatal
+            error = f"{type(failure).__name__}: {failure}"
+    return LabelResult(key, None, error, retries + 1, time.perf_counter() - started)

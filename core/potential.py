@@ -17,7 +17,10 @@ from torch import nn
 from . import keys as K
 from ._errors import UnseenElementError
 
-__all__ = ["Backbone", "Potential", "fit_normalization", "scatter_sum"]
+__all__ = [
+    "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "fit_normalization",
+    "scatter_sum",
+]
 
 _MAX_Z = 119
 
@@ -90,37 +93,40 @@ class Potential(nn.Module):
         compute_stress: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Energy [B] (eV), forces [N, 3] (eV/Å), stress [B, 3, 3] (eV/Å³) when requested."""
-        n_structures = int(batch[K.N_ATOMS].shape[0])
-        positions, cell = batch[K.POSITIONS], batch[K.CELL]
         gradient_forces = compute_forces and not self.backbone.direct_forces
-        if gradient_forces:
-            positions = positions.detach().requires_grad_(True)
-        strain = None
-        if compute_stress:
-            strain = torch.zeros_like(cell).requires_grad_(True)
-            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+        positions, strain = differentiable_inputs(batch, gradient_forces, compute_stress)
+        results = self.energy_outputs(batch, positions, strain)
+        direct = results.pop(K.DIRECT_FORCES, None)
+        results.update(energy_derivatives(results[K.ENERGY], batch, positions if gradient_forces else None,
+                                          strain, create_graph=self.training))
+        if compute_forces and direct is not None:
+            results[K.FORCES] = direct
+        return results
+
+    def energy_outputs(
+        self, batch: dict[str, torch.Tensor], positions: torch.Tensor, strain: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Energy [B], per-atom energy [N] (eV) and latent features at ``positions`` (strained by
+        ``strain`` [B, 3, 3] if given), without derivatives.
+
+        UQ heads call this to evaluate several energies (ensemble members, readout heads) and take
+        their derivatives with :func:`energy_derivatives`, so forces still come from here only.
+        A direct-force backbone's forces (eV/Å) come back under :data:`keys.DIRECT_FORCES`.
+        """
+        cell = batch[K.CELL]
+        if strain is not None:
+            symmetric = 0.5 * (strain + strain.transpose(-1, -2))
             positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch[K.BATCH]])
             cell = cell + torch.bmm(cell, symmetric)
         inputs = self._with_edges(batch, positions, cell)
         out = self.backbone(inputs)
         node_energy = self._node_energy(out[K.NODE_ENERGY], inputs[K.ELEMENT_INDEX])
-        energy = scatter_sum(node_energy, batch[K.BATCH], n_structures)
+        energy = scatter_sum(node_energy, batch[K.BATCH], int(batch[K.N_ATOMS].shape[0]))
         results = {K.ENERGY: energy, K.NODE_ENERGY: node_energy}
         if K.NODE_FEATURES in out:
             results[K.NODE_FEATURES] = out[K.NODE_FEATURES]
-        wrt = [t for t in (positions if gradient_forces else None, strain) if t is not None]
-        if wrt:
-            grads = torch.autograd.grad(
-                energy.sum(), wrt, create_graph=self.training, allow_unused=True
-            )
-            if gradient_forces:
-                results[K.FORCES] = _zeros_if_none(grads[0], positions).neg()
-            if strain is not None:
-                volume = torch.linalg.det(batch[K.CELL]).abs().reshape(-1, 1, 1)
-                results[K.VIRIAL] = _zeros_if_none(grads[-1], strain).neg()
-                results[K.STRESS] = -results[K.VIRIAL] / volume
-        if compute_forces and self.backbone.direct_forces:
-            results[K.FORCES] = out[K.DIRECT_FORCES] * self.scale.to(out[K.DIRECT_FORCES].dtype)
+        if self.backbone.direct_forces and K.DIRECT_FORCES in out:
+            results[K.DIRECT_FORCES] = out[K.DIRECT_FORCES] * self.scale.to(out[K.DIRECT_FORCES].dtype)
         return results
 
     def _with_edges(
@@ -145,6 +151,66 @@ class Potential(nn.Module):
 
 def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad
+
+
+def differentiable_inputs(
+    batch: dict[str, torch.Tensor], forces: bool, stress: bool, *, copies: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Leaf tensors to differentiate the energy by: positions (with ``requires_grad`` only if
+    ``forces``) and a zero strain [B, 3, 3] (only if ``stress``).
+
+    ``copies=K`` gives K independent leaves ([K, N, 3], [K, B, 3, 3]) for K energy functions
+    evaluated side by side (a vectorised ensemble); each then gets its own gradient from one
+    backward pass.
+    """
+    positions, cell = batch[K.POSITIONS].detach(), batch[K.CELL]
+    strain = torch.zeros_like(cell) if stress else None
+    if copies is not None:
+        positions = positions.expand(copies, *positions.shape).clone()
+        strain = None if strain is None else strain.expand(copies, *strain.shape).clone()
+    if forces:
+        positions.requires_grad_(True)
+    if strain is not None:
+        strain.requires_grad_(True)
+    return positions, strain
+
+
+def energy_derivatives(
+    energy: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    positions: torch.Tensor | None,
+    strain: torch.Tensor | None,
+    *,
+    create_graph: bool,
+    members: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forces ``-∂E/∂r``, virial ``-∂E/∂ε`` and stress ``-virial/V`` — the only place they are made.
+
+    ``energy`` is [B], or [K, B] for K energy functions. With leaves made by
+    :func:`differentiable_inputs` ``(copies=K)`` each member's gradient comes from one backward
+    pass of the summed energy. With shared leaves and ``members=K`` the K vector-Jacobian
+    products run as one batched backward pass (``is_grads_batched``). Outputs then carry a
+    leading K axis.
+    """
+    wrt = [t for t in (positions, strain) if t is not None]
+    if not wrt:
+        return {}
+    if members is None:
+        grads = torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph, allow_unused=True)
+    else:
+        selector = torch.eye(members, dtype=energy.dtype, device=energy.device)
+        selector = selector.unsqueeze(-1).expand(members, members, energy.shape[-1])
+        grads = torch.autograd.grad(energy, wrt, grad_outputs=selector, create_graph=create_graph,
+                                    allow_unused=True, is_grads_batched=True)
+    lead = () if members is None else (members,)
+    results: dict[str, torch.Tensor] = {}
+    if positions is not None:
+        results[K.FORCES] = _zeros_if_none(grads[0], positions.expand(*lead, *positions.shape)).neg()
+    if strain is not None:
+        volume = torch.linalg.det(batch[K.CELL]).abs().reshape(-1, 1, 1)
+        results[K.VIRIAL] = _zeros_if_none(grads[-1], strain.expand(*lead, *strain.shape)).neg()
+        results[K.STRESS] = -results[K.VIRIAL] / volume
+    return results
 
 
 def fit_normalization(

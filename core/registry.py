@@ -41,11 +41,17 @@ BUILTIN_DISTRIBUTION = "atomforge"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge._commands",
     "atomforge.plugins.painn",
+    "atomforge.plugins.transformer",
     "atomforge.plugins.losses",
+    "atomforge.plugins.physics_losses",
     "atomforge.plugins.data_sources",
     "atomforge.plugins.oracles",
+    "atomforge.plugins.explorers",
+    "atomforge.plugins.selectors",
     "atomforge.plugins.trackers",
     "atomforge.plugins.engines",
+    "atomforge.plugins.uq",
+    "atomforge.active_learning.commands",
 )
 
 

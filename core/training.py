@@ -192,6 +192,9 @@ def make_scheduler(
     raise ValueError(f"unknown scheduler {name!r}; valid: plateau, cosine, exponential, none")
 
 
+_AUGMENT_SEED = 7_919_000_003  # offsets the augmentation generator's seed from the shuffling one
+
+
 class TorchEngine:
     """Single-process engine: one optimiser step per batch, EMA, validation, checkpoints."""
 
@@ -288,9 +291,11 @@ class TorchEngine:
     def _train_epoch(self, train: GraphDataset, started: float) -> tuple[float, int, bool]:
         self.model.train()
         generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + self.epoch)
+        augment_generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + self.epoch + _AUGMENT_SEED)
         total, steps, timed_out = 0.0, 0, False
         want_stress = self.settings.compute_stress
         for batch in iterate_batches(train, self.settings.batch_size, shuffle=True, generator=generator):
+            batch = self.loss.augment(batch, augment_generator)  # data augmentation, training only
             outputs = self.model(batch, compute_forces=K.FORCES in self.loss.outputs,
                                  compute_stress=want_stress)
             loss, _ = self.loss(batch, outputs, self.model)

@@ -6,6 +6,7 @@ registry by name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .potential import Potential, fit_normalization
 from .registry import Registry
 from .tracking import Tracker, TrackerCallback, flatten
 from .training import TrainSettings, make_optimizer, make_scheduler
+from .uncertainty import UQFitContext, fit_uq_head, uq_report, wrap_for_training
 
 __all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker", "MODEL_FILE"]
 
@@ -86,6 +88,8 @@ def check_names(registry: Registry, config: RunConfig) -> None:
     registry.get(PluginKind.BACKBONE, config.model.backbone)
     registry.get(PluginKind.ENGINE, config.training.engine)
     registry.get(PluginKind.TRACKER, config.tracking.name)
+    if config.uq is not None:
+        registry.get(PluginKind.UQ_HEAD, config.uq.name)
     for term in config.loss:
         registry.get(PluginKind.LOSS, term.name)
     for source in (config.data.train, config.data.valid, config.data.test):
@@ -217,17 +221,26 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     sets = _datasets(config, registry, loss.requires)
     torch.manual_seed(config.training.seed)
     spec = model_spec(config, registry, sets["train"])
-    model = build_potential(spec, registry)
+    model = wrap_for_training(build_potential(spec, registry), config.uq, registry, loss.outputs)
     tracker = make_tracker(registry, config)
     _start_tracker(tracker, config, run_dir, resume)
     try:
         engine = _make_engine(config, registry, model, loss, tracker, verbose)
         result = engine.fit(sets["train"], sets["valid"], resume=resume)
         final = engine.export_model()
+        if config.uq is not None:  # extra members, latent density, calibration (docs/uq.md)
+            trainer = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume)
+            final, spec["uq"] = fit_uq_head(final, config.uq, registry, UQFitContext(
+                sets["train"], sets["valid"], trainer, config.training.valid_batch_size))
         model_path = save_model(final, run_dir / MODEL_FILE, config=spec, metadata={
             "epochs": result.epochs, "best_epoch": result.best_epoch,
             "best_valid_loss": result.best_valid_loss, "stopped_because": result.stopped_because})
         metrics = _final_evaluation(final, sets, tracker, run_dir)
+        if config.uq is not None:
+            metrics.update(uq_report(final, sets, tracker, run_dir))
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if config.evaluation.physics:  # rotation error, curl, NVE drift, stability (docs/physics.md)
+            metrics.update(_physics_report(final, config, sets, tracker, run_dir, verbose))
         tracker.log_metrics({"epochs": result.epochs, "best_epoch": result.best_epoch})
         tracker.log_artifact(model_path)
     except BaseException:
@@ -258,6 +271,40 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
     return spec.factory(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler,
                         settings=settings, callbacks=callbacks,
                         checkpoint_path=config.output / CHECKPOINT_FILE)
+
+
+def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any], loss: CompositeLoss,
+                    sets: dict[str, GraphDataset], tracker: Tracker, verbose: bool, resume: bool) -> Any:
+    """``train_member(k)``: one more independently seeded training run (deep-ensemble member k),
+    in ``<output>/member<k>/`` with its own checkpoint (resumable) and a nested tracker run."""
+
+    def train_member(index: int) -> Potential:
+        seed = config.training.seed + 1000 * index
+        member = dataclasses.replace(config, output=config.output / f"member{index}",
+                                     training=dataclasses.replace(config.training, seed=seed))
+        member.output.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        child = tracker.child(f"member{index}")
+        engine = _make_engine(member, registry, build_potential(spec, registry), loss, child, verbose)
+        engine.fit(sets["train"], sets["valid"], resume=resume)
+        child.end("FINISHED")
+        return engine.export_model()
+
+    return train_member
+
+
+def _physics_report(model: torch.nn.Module, config: RunConfig, sets: dict[str, GraphDataset],
+                    tracker: Tracker, run_dir: Path, verbose: bool) -> dict[str, float]:
+    """``physics_*`` metrics on the test set (else the validation set), logged and saved."""
+    from .physics import physics_metrics
+
+    structures = sets["test" if "test" in sets else "valid"].structures
+    say = (lambda message: print(message, file=sys.stderr)) if verbose else None
+    metrics = physics_metrics(model, structures, config.evaluation, progress=say)
+    tracker.log_metrics(metrics)
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **metrics}, indent=2))
+    return metrics
 
 
 def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: Tracker,

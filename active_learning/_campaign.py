@@ -1,0 +1,302 @@
+"""The campaign loop: train → explore → score → select → label → track, resumable at every step.
+
+Each iteration walks through phases recorded in ``state.json`` (written atomically); every phase
+writes its output atomically before the state moves on, so a killed run resumes at the phase it
+was in: training continues from its checkpoint, exploring restarts (it is seeded), labelling
+requests only candidates the journal does not hold. Plugins are reached through the registry
+by name only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from ase import Atoms
+from ase.io import read, write
+
+from atomforge import LabelResult, PluginKind, Registry, config_from_dict, load_calculator
+from atomforge.exploration import Candidate, uncertainty_of
+from atomforge.workflow import train
+
+from ._config import CampaignConfig
+from ._labelling import OracleCall, label_all, make_executor
+from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
+
+__all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features"]
+
+STATE_FILE = "state.json"
+TRUST_KEYS = ("lo", "hi", "adaptive")
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    """Where a finished (or stopped) campaign stands."""
+
+    directory: Path
+    iterations: int  # completed explore-label rounds
+    labels: int  # labels in the data set
+    stopped_because: str
+    final_model: Path
+
+
+class Campaign:
+    """One campaign directory and the steps that advance it."""
+
+    def __init__(self, config: CampaignConfig, registry: Registry, *, executor: Executor | None = None,
+                 verbose: bool = True) -> None:
+        self.config, self.registry, self.verbose = config, registry, verbose
+        self.dir = config.output
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.journal = LabelJournal(self.dir / "journal.jsonl")
+        self.labelled = LabelledSet(self.dir / "labelled.extxyz")
+        self.state: dict[str, Any] = read_json(self.dir / STATE_FILE) or {
+            "iteration": 0, "phase": "train", "stopped_because": None, "parent_run_id": None,
+            "child_runs": {}, "history": []}
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._check_names()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[al] {message}", file=sys.stderr)
+
+    def _check_names(self) -> None:
+        """Fail early on unknown plugin names, before anything runs."""
+        self.registry.get(PluginKind.ORACLE, self.config.oracle.name)
+        self.registry.get(PluginKind.SELECTOR, self.config.selector.name)
+        for explorer in self.config.explorers:
+            self.registry.get(PluginKind.EXPLORER, explorer.name)
+
+    def save_state(self) -> None:
+        write_json_atomic(self.dir / STATE_FILE, self.state)
+
+    def iter_dir(self, iteration: int) -> Path:
+        path = self.dir / "iterations" / f"{iteration:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def model_path(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "train" / "model.pt"
+
+    @property
+    def labels_requested(self) -> int:
+        return len(self.journal.entries)
+
+    def _executor_for_labels(self) -> Executor:
+        if self._executor is None:
+            e = self.config.executor
+            self._executor = make_executor(e.kind, max_workers=e.max_workers, start_method=e.start_method,
+                                           address=e.address)
+        return self._executor
+
+    def close(self) -> None:
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    # -- setup --------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Materialise the initial data once, record the config, repair the journal."""
+        initial = self.dir / "initial.extxyz"
+        if not initial.exists():
+            spec = self.registry.get(PluginKind.DATA_SOURCE, self.config.initial_data.source)
+            structures = list(spec.factory(dict(self.config.initial_data.options), self.config.base_dir))
+            tmp = initial.with_name(".initial.extxyz.tmp")
+            write(tmp, structures, format="extxyz")
+            tmp.replace(initial)
+        repaired = repair_journal(self.journal, self.labelled, self.state["iteration"])
+        if repaired:
+            self.log(f"recovered {repaired} label(s) stored before the journal line was written")
+
+    def data_hash(self) -> str:
+        """SHA-256 (16 hex) of the training data: initial plus labelled structures."""
+        digest = hashlib.sha256()
+        for path in (self.dir / "initial.extxyz", self.labelled.path):
+            if path.exists():
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    # -- training -----------------------------------------------------------------------------------
+    def train_config(self, iteration: int) -> dict[str, Any]:
+        """The `atomforge train` config of an iteration: campaign data + the user's model/training."""
+        paths = [str(self.dir / "initial.extxyz")]
+        if self.labelled.path.exists() and self.labelled.path.stat().st_size:
+            paths.append(str(self.labelled.path))
+        data: dict[str, Any] = {"train": {"source": "ase", "paths": paths},
+                                "valid_fraction": self.config.valid_fraction}
+        if self.config.test is not None:
+            data["test"] = {"source": self.config.test.source, **self.config.test.options}
+        raw = {**self.config.train, "data": data, "output": str(self.iter_dir(iteration) / "train"),
+               "tracking": "none"}
+        raw["training"] = {"seed": self.config.seed, **dict(self.config.train.get("training") or {})}
+        return raw
+
+    def train_model(self, iteration: int) -> dict[str, float]:
+        """Train (or resume training) the iteration's model; returns its metrics."""
+        run_dir = self.iter_dir(iteration) / "train"
+        metrics_file = run_dir / "metrics.json"
+        if not metrics_file.exists():
+            raw = self.train_config(iteration)
+            (self.iter_dir(iteration) / "train.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            self.log(f"iteration {iteration}: training on {self._n_training()} structures")
+            train(config_from_dict(raw, self.dir), self.registry,
+                  resume=(run_dir / "checkpoint.pt").exists(), verbose=self.verbose)
+        return read_json(metrics_file, {})
+
+    def _n_training(self) -> int:
+        return len(read(self.dir / "initial.extxyz", index=":")) + len(self.journal.with_status("ok"))
+
+    # -- exploring and scoring ----------------------------------------------------------------------
+    def trust(self) -> dict[str, Any]:
+        """The trust window in the selector's options (``lo``, ``hi``, ``adaptive``)."""
+        options = self.config.selector.options
+        return {k: options[k] for k in TRUST_KEYS if k in options}
+
+    def levels(self, calibration: float | None) -> tuple[float | None, float | None]:
+        """Absolute (lo, hi) in eV/Å from the selector's trust window; None where not set."""
+        trust = self.trust()
+        factor = (calibration or 0.0) if trust.get("adaptive") else 1.0
+        lo, hi = trust.get("lo"), trust.get("hi")
+        return (None if lo is None else lo * factor), (None if hi is None else hi * factor)
+
+    def starts(self, iteration: int) -> list[Atoms]:
+        """Starting points: drawn from ``starts`` (default: initial + labelled data)."""
+        if self.config.starts is not None:
+            spec = self.registry.get(PluginKind.DATA_SOURCE, self.config.starts.source)
+            pool = list(spec.factory(dict(self.config.starts.options), self.config.base_dir))
+        else:
+            pool = list(read(self.dir / "initial.extxyz", index=":")) + self.labelled.read()
+        rng = np.random.default_rng(self.config.seed + 7919 * iteration)
+        picked = rng.choice(len(pool), size=min(self.config.starts_per_iteration, len(pool)), replace=False)
+        return [pool[i] for i in picked]
+
+    def calibration(self, calc: Any) -> float | None:
+        """The model's typical max force std on its training data (median over ≤ 32 structures)."""
+        structures = list(read(self.dir / "initial.extxyz", index=":"))[:16] + self.labelled.read()[-16:]
+        sigmas = [score(a, calc)[0] for a in structures]
+        sigmas = [s for s in sigmas if s is not None]
+        return float(np.median(sigmas)) if sigmas else None
+
+    def explore(self, iteration: int) -> None:
+        """Run every explorer with the iteration's model; score and store the candidates."""
+        calc = load_calculator(self.model_path(iteration), registry=self.registry)
+        calibration = self.calibration(calc)
+        hi = self.levels(calibration)[1]
+        frames: list[Atoms] = []
+        for k, choice in enumerate(self.config.explorers):
+            explorer = self.registry.get(PluginKind.EXPLORER, choice.name).factory(**choice.options)
+            found = explorer.explore(self.starts(iteration), calc, hi=hi, seed=self.config.seed + 1000 * iteration + k)
+            frames.extend(found)
+            self.log(f"iteration {iteration}: explorer {choice.name!r} proposed {len(found)} configurations")
+        self._store_candidates(iteration, frames, calc, calibration)
+
+    def _store_candidates(self, iteration: int, frames: list[Atoms], calc: Any, calibration: float | None) -> None:
+        rows, features = [], []
+        for frame in frames:
+            sigma, energy_std = score(frame, calc)
+            frame.info.update({"max_force_std": np.nan if sigma is None else sigma,
+                               "energy_std": np.nan if energy_std is None else energy_std,
+                               "al_key": structure_hash(frame)})
+            features.append(latent_features(frame, calc))
+            rows.append(frame)
+        folder = self.iter_dir(iteration)
+        np.save(folder / "features.npy", np.array(features))
+        tmp = folder / ".candidates.extxyz.tmp"
+        write(tmp, rows, format="extxyz")
+        tmp.replace(folder / "candidates.extxyz")
+        write_json_atomic(folder / "calibration.json", {"calibration": calibration})
+
+    def candidates(self, iteration: int) -> list[Candidate]:
+        folder = self.iter_dir(iteration)
+        path = folder / "candidates.extxyz"
+        frames = list(read(path, index=":")) if path.stat().st_size else []
+        features = np.load(folder / "features.npy") if frames else []
+        out = []
+        for frame, feature in zip(frames, features):
+            sigma, energy_std = frame.info.get("max_force_std", np.nan), frame.info.get("energy_std", np.nan)
+            out.append(Candidate(frame, None if np.isnan(sigma) else float(sigma),
+                                 None if np.isnan(energy_std) else float(energy_std), np.asarray(feature),
+                                 str(frame.info.get("explorer", "")), str(frame.info["al_key"])))
+        return out
+
+    # -- selecting and labelling --------------------------------------------------------------------
+    def make_selector(self) -> Any:
+        return self.registry.get(PluginKind.SELECTOR, self.config.selector.name).factory(**self.config.selector.options)
+
+    def select(self, iteration: int) -> dict[str, Any]:
+        """Pick this iteration's candidates (never one already journalled) and store the choice."""
+        folder = self.iter_dir(iteration)
+        every = self.candidates(iteration)
+        fresh, seen = [], set(self.journal.entries)
+        for candidate in every:
+            if candidate.key not in seen:
+                fresh.append(candidate)
+                seen.add(candidate.key)
+        budget = max(0, min(self.config.budget.per_iteration, self.config.budget.total - self.labels_requested))
+        calibration = read_json(folder / "calibration.json", {}).get("calibration")
+        selection = self.make_selector().select(fresh, budget, calibration=calibration,
+                                                seed=self.config.seed + iteration)
+        record = {"keys": [fresh[i].key for i in selection.indices], "lo": selection.lo, "hi": selection.hi,
+                  "counts": dict(selection.counts), "n_explored": len(every), "budget": budget,
+                  "calibration": calibration, "stds": [c.max_force_std for c in every if c.max_force_std is not None]}
+        write_json_atomic(folder / "selection.json", record)
+        return record
+
+    def record_label(self, iteration: int, result: LabelResult) -> None:
+        """Store one label: the structure first, then its journal line (see ``_store``)."""
+        if result.ok:
+            self.labelled.append(result.atoms, result.key)
+        status = "ok" if result.ok else "failed"
+        self.journal.append(JournalEntry(result.key, status, iteration, result.error or "", result.attempts,
+                                         round(result.seconds, 3)))
+        if not result.ok:
+            self.log(f"label {result.key} failed and is skipped: {result.error}")
+
+    def label(self, iteration: int) -> None:
+        """Request every selected label the journal does not hold yet."""
+        selection = read_json(self.iter_dir(iteration) / "selection.json")
+        by_key = {c.key: c.atoms for c in self.candidates(iteration)}
+        pending = [(k, by_key[k]) for k in selection["keys"] if k not in self.journal]
+        if not pending:
+            return
+        o = self.config.oracle
+        call = OracleCall(self.registry.get(PluginKind.ORACLE, o.name).factory, dict(o.options), o.timeout, o.retries)
+        self.log(f"iteration {iteration}: labelling {len(pending)} candidates with {o.name!r}")
+        label_all(self._executor_for_labels(), call, pending, lambda r: self.record_label(iteration, r))
+
+
+def score(atoms: Atoms, calc: Any) -> tuple[float | None, float | None]:
+    """(max force std, energy std) of ``atoms`` under ``calc``; None without a UQ head."""
+    work = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    work.calc = calc
+    work.get_forces()
+    return uncertainty_of(calc.results)
+
+
+def latent_features(atoms: Atoms, calc: Any) -> np.ndarray:
+    """The model's mean latent atom features of ``atoms`` (its ``NODE_FEATURES``); a radial
+    distribution histogram when the model exposes none."""
+    import torch
+
+    from atomforge import atoms_to_graph, collate, keys
+    from atomforge.potential import Potential
+
+    model = getattr(calc, "model", None)
+    potential = model if isinstance(model, Potential) else getattr(model, "potential", None)
+    if isinstance(potential, Potential):
+        dtype = next(potential.parameters()).dtype
+        batch = collate([atoms_to_graph(atoms, potential.cutoff, dtype=dtype)])
+        with torch.no_grad():
+            out = potential.energy_outputs(batch, batch[keys.POSITIONS], None)
+        if keys.NODE_FEATURES in out:
+            return out[keys.NODE_FEATURES].mean(0).double().numpy()
+    distances = atoms.get_all_distances(mic=bool(atoms.pbc.any()))[np.triu_indices(len(atoms), 1)]
+    return np.histogram(distances, bins=32, range=(0.0, 8.0))[0] / max(1, len(atoms))

@@ -1,0 +1,190 @@
+"""The campaign config: YAML in, frozen dataclasses out (schema in ``docs/active_learning.md``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from atomforge import ConfigError
+from atomforge.config import SourceConfig, apply_overrides
+
+__all__ = ["PluginChoice", "OracleConfig", "BudgetConfig", "StopConfig", "ExecutorConfig",
+           "CampaignConfig", "campaign_from_dict", "load_campaign"]
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """A registry name and the plugin's keyword options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    name: str  # oracle plugin: emt | lj | xtb | pyscf | chgnet | sevenn | ase_calculator | ...
+    timeout: float | None = 600.0  # seconds per label attempt; null = no limit
+    retries: int = 1  # extra attempts after an error or NaN (timeouts are final)
+    options: dict[str, Any] = field(default_factory=dict)  # the oracle's options
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    per_iteration: int = 10  # most labels requested per iteration
+    total: int = 100  # most labels requested over the campaign (failed requests count)
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    max_iterations: int = 10  # explore-label rounds; the model after the last one is final
+    target_forces_mae: float | None = None  # meV/Å on the validation set (test set if given)
+    target_energy_mae: float | None = None  # meV/atom, likewise
+    accurate_fraction: float | None = None  # stop when this fraction of explored configs has σ < lo
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kind: str = "process"  # process | thread | serial | dask
+    max_workers: int | None = None  # default: CPU count (process/thread), 1 (local dask)
+    start_method: str = "spawn"  # process pool: spawn | forkserver | fork
+    address: str | None = None  # dask scheduler address; null starts a local in-process cluster
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    initial_data: SourceConfig  # labelled structures to start from (any data source)
+    oracle: OracleConfig
+    train: dict[str, Any]  # an `atomforge train` config without data/output: model, uq, loss, training
+    explorers: tuple[PluginChoice, ...]  # run in turn each iteration
+    selector: PluginChoice
+    output: Path  # the campaign directory
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    test: SourceConfig | None = None  # optional fixed test set, for reporting (and target errors)
+    starts: SourceConfig | None = None  # exploration starting points; default: the initial data
+    starts_per_iteration: int = 4  # starting structures drawn per iteration
+    valid_fraction: float = 0.2  # of the labelled data, held out for validation in each training
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    tracking: dict[str, Any] = field(default_factory=lambda: {"name": "mlflow"})  # tracker name + options
+    seed: int = 0  # seeds exploration, selection and training
+    base_dir: Path = Path(".")  # folder of the campaign file
+
+
+_TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
+        "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed")
+_TRAIN_KEYS = ("model", "uq", "loss", "training")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _source(value: Any, base_dir: Path, where: str) -> SourceConfig | None:
+    if value is None:
+        return None
+    options = {"path": str(value)} if isinstance(value, (str, Path)) else _mapping(value, where)
+    name = str(options.pop("source", "ase"))
+    for key in ("path", "paths"):
+        if key in options:
+            paths = options[key] if isinstance(options[key], list) else [options[key]]
+            resolved = [str((base_dir / Path(p).expanduser()).resolve()) for p in paths]
+            options[key] = resolved if isinstance(options[key], list) else resolved[0]
+    return SourceConfig(name, options)
+
+
+def _choice(value: Any, where: str) -> PluginChoice:
+    item = {"name": value} if isinstance(value, str) else _mapping(value, where)
+    if "name" not in item:
+        raise ConfigError(f"{where}: missing 'name' (a registry name; see `atomforge plugins`)")
+    return PluginChoice(str(item.pop("name")), item)
+
+
+def _typed(cls: type, value: Any, where: str) -> Any:
+    data = _mapping(value, where)
+    names = set(cls.__dataclass_fields__) - {"options"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    return cls(**data)
+
+
+def _oracle(value: Any) -> OracleConfig:
+    item = {"name": value} if isinstance(value, str) else _mapping(value, "oracle")
+    if "name" not in item:
+        raise ConfigError("oracle: missing 'name' (emt, lj, xtb, pyscf, chgnet, sevenn, ase_calculator, ...)")
+    known = {k: item.pop(k) for k in ("name", "timeout", "retries") if k in item}
+    config = OracleConfig(**known, options=item)
+    if config.retries < 0 or (config.timeout is not None and config.timeout <= 0):
+        raise ConfigError(f"oracle: retries must be ≥ 0 and timeout > 0; got {config.retries}, {config.timeout}")
+    return config
+
+
+def _train(value: Any) -> dict[str, Any]:
+    train = _mapping(value, "train")
+    unknown = sorted(set(train) - set(_TRAIN_KEYS))
+    if unknown:
+        raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(_TRAIN_KEYS)} "
+                          "(data and output are set by the campaign)")
+    return train
+
+
+def _check(config: CampaignConfig) -> CampaignConfig:
+    if not config.explorers:
+        raise ConfigError("explorers: give at least one, e.g. [{name: md, temperatures: [300]}]")
+    if config.budget.per_iteration < 1 or config.budget.total < 1 or config.stop.max_iterations < 0:
+        raise ConfigError("budget.per_iteration and budget.total must be ≥ 1 and stop.max_iterations ≥ 0; "
+                          f"got {config.budget}, {config.stop}")
+    if not 0.0 < config.valid_fraction < 1.0:
+        raise ConfigError(f"valid_fraction must be in (0, 1); got {config.valid_fraction}")
+    return config
+
+
+def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> CampaignConfig:
+    """Build a :class:`CampaignConfig` from plain data; paths resolve against ``base_dir``."""
+    base_dir = Path(base_dir).resolve()
+    raw = _mapping(raw, "campaign")
+    unknown = sorted(set(raw) - set(_TOP))
+    if unknown:
+        raise ConfigError(f"campaign: unknown key(s) {unknown}; valid keys: {sorted(_TOP)}")
+    for required in ("initial_data", "oracle", "train", "explorers", "selector", "output"):
+        if required not in raw:
+            raise ConfigError(f"campaign: {required!r} is required (see docs/active_learning.md)")
+    explorers = raw["explorers"] if isinstance(raw["explorers"], list) else [raw["explorers"]]
+    tracking = raw.get("tracking", "mlflow")
+    return _check(CampaignConfig(
+        initial_data=_source(raw["initial_data"], base_dir, "initial_data"),  # type: ignore[arg-type]
+        oracle=_oracle(raw["oracle"]),
+        train=_train(raw["train"]),
+        explorers=tuple(_choice(e, f"explorers[{i}]") for i, e in enumerate(explorers)),
+        selector=_choice(raw["selector"], "selector"),
+        output=(base_dir / Path(str(raw["output"])).expanduser()).resolve(),
+        budget=_typed(BudgetConfig, raw.get("budget"), "budget"),
+        stop=_typed(StopConfig, raw.get("stop"), "stop"),
+        test=_source(raw.get("test"), base_dir, "test"),
+        starts=_source(raw.get("starts"), base_dir, "starts"),
+        starts_per_iteration=int(raw.get("starts_per_iteration", 4)),
+        valid_fraction=float(raw.get("valid_fraction", 0.2)),
+        executor=_typed(ExecutorConfig, raw.get("executor"), "executor"),
+        tracking={"name": tracking} if isinstance(tracking, str) else _mapping(tracking, "tracking"),
+        seed=int(raw.get("seed", 0)),
+        base_dir=base_dir,
+    ))
+
+
+def load_campaign(path: Path | str, overrides: tuple[str, ...] = ()) -> CampaignConfig:
+    """Read a campaign YAML file (with ``--set a.b=c`` overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"campaign file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    return campaign_from_dict(apply_overrides(raw, list(overrides)), path.parent)

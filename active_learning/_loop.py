@@ -1,0 +1,249 @@
+"""Drive a :class:`~._campaign.Campaign` phase by phase, decide when to stop, track in MLflow.
+
+Phases of iteration *i*: ``train`` (model *i* on everything labelled so far) → stop? →
+``explore`` → ``select`` → stop? → ``label`` → ``track`` (child run *i*) → iteration *i + 1*.
+The model of the last iteration is the final one; it has seen every label.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Executor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from atomforge import PluginKind, Registry
+from atomforge.tracking import Tracker
+
+from ._campaign import Campaign, CampaignResult
+from ._config import CampaignConfig
+
+__all__ = ["run_campaign", "error_metric", "learning_curve_plot", "uncertainty_histogram"]
+
+
+def error_metric(metrics: dict[str, float], quantity: str) -> float | None:
+    """The error a target is checked against: test set if there is one, else validation."""
+    for key in (f"test_{quantity}_mae", f"best_valid_{quantity}_mae"):
+        if key in metrics and math.isfinite(metrics[key]):
+            return float(metrics[key])
+    return None
+
+
+def _stop_after_training(campaign: Campaign, metrics: dict[str, float]) -> str | None:
+    config, i = campaign.config, campaign.state["iteration"]
+    targets = (("forces", config.stop.target_forces_mae, "meV/Å"), ("energy", config.stop.target_energy_mae, "meV/atom"))
+    for quantity, target, unit in targets:
+        error = error_metric(metrics, quantity)
+        if target is not None and error is not None and error <= target:
+            return f"target {quantity} MAE reached ({error:.3g} ≤ {target:g} {unit})"
+    if i >= config.stop.max_iterations:
+        return f"max_iterations ({config.stop.max_iterations}) reached"
+    if campaign.labels_requested >= config.budget.total:
+        return f"label budget used ({campaign.labels_requested} of {config.budget.total})"
+    return None
+
+
+def _stop_after_selection(campaign: Campaign, record: dict[str, Any]) -> str | None:
+    target, counts = campaign.config.stop.accurate_fraction, record.get("counts", {})
+    if target is not None and record["n_explored"] and "accurate" in counts:
+        fraction = counts["accurate"] / record["n_explored"]
+        if fraction >= target:
+            return f"{fraction:.0%} of explored configurations are below the lower trust level (target {target:.0%})"
+    if not record["keys"]:
+        return "nothing left to label (no new candidate in the trust window)"
+    return None
+
+
+def _history_entry(campaign: Campaign, i: int) -> dict[str, Any]:
+    folder = campaign.iter_dir(i)
+    selection = _read(folder / "selection.json")
+    stds = np.asarray(selection.get("stds", []), dtype=float)
+    entry: dict[str, Any] = {
+        "iteration": i, "train_labels": campaign.state.get("train_labels", 0),
+        "labels": len(campaign.journal.with_status("ok")), "label_failures": len(campaign.journal.with_status("failed")),
+        "selected": len(selection.get("keys", [])), "explored": selection.get("n_explored", 0),
+        **{f"explored_{k}": v for k, v in selection.get("counts", {}).items()},
+        "lo": selection.get("lo"), "hi": selection.get("hi"), "calibration": selection.get("calibration"),
+        "data_hash": campaign.state.get("train_data_hash", ""),
+        **{f"std_{name}": float(f(stds)) for name, f in (("mean", np.mean), ("median", np.median), ("max", np.max))
+           if stds.size},
+        **campaign.state.get("metrics", {}),
+    }
+    return entry
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def uncertainty_histogram(stds: list[float], lo: float | None, hi: float | None, path: Path) -> Path:
+    """Histogram of the explored max force stds with the trust levels (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if stds:
+        ax.hist(stds, bins=30, color="tab:blue", alpha=0.8)
+    for level, name in ((lo, "lo"), (hi, "hi")):
+        if level is not None:
+            ax.axvline(level, color="tab:red", linestyle="--", label=f"{name} = {level:.3g}")
+    ax.set_xlabel("max force std (eV/Å)")
+    ax.set_ylabel("explored configurations")
+    ax.legend() if lo is not None or hi is not None else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def learning_curve_plot(history: list[dict[str, Any]], path: Path) -> Path:
+    """Forces and energy MAE (validation, and test if any) vs labels used to train (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = [h["train_labels"] for h in history]
+    for ax, quantity, unit in ((axes[0], "forces", "meV/Å"), (axes[1], "energy", "meV/atom")):
+        for prefix in ("best_valid", "test"):
+            y = [h.get(f"{prefix}_{quantity}_mae", np.nan) for h in history]
+            if np.isfinite(y).any():
+                ax.plot(x, y, "o-", label=prefix.replace("best_", ""))
+        ax.set_xlabel("labels")
+        ax.set_ylabel(f"{quantity} MAE ({unit})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _make_tracker(campaign: Campaign) -> Tracker:
+    options = dict(campaign.config.tracking)
+    spec = campaign.registry.get(PluginKind.TRACKER, options.pop("name", "mlflow"))
+    options.setdefault("experiment", "atomforge-al")
+    tracker = spec.factory(run_dir=campaign.dir, **options)
+    previous = campaign.state.get("parent_run_id")
+    campaign.state["parent_run_id"] = tracker.start(run_name=campaign.dir.name, resume_run_id=previous)
+    campaign.save_state()
+    if previous is None:
+        record = _config_record(campaign.config)
+        tracker.log_dict(record, "campaign.yaml")
+        from atomforge.tracking import flatten
+
+        tracker.log_params(flatten(record))
+    return tracker
+
+
+def _config_record(config: CampaignConfig) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return plain(asdict(config))
+
+
+def _track_iteration(campaign: Campaign, tracker: Tracker, i: int) -> None:
+    """One child run per iteration (created once, even across resumes)."""
+    entry = _history_entry(campaign, i)
+    if str(i) in campaign.state["child_runs"]:
+        return
+    child = tracker.child(f"iteration-{i:03d}")
+    child.log_params({k: entry[k] for k in ("lo", "hi", "calibration", "data_hash") if entry.get(k) is not None})
+    child.log_metrics({k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and v is not None}, step=i)
+    folder = campaign.iter_dir(i)
+    selection = _read(folder / "selection.json")
+    if selection:
+        child.log_artifact(uncertainty_histogram(selection.get("stds", []), entry["lo"], entry["hi"],
+                                                 folder / "uncertainty.png"), "plots")
+    child.end("FINISHED")
+    tracker.log_metrics({"labels": entry["labels"], **{k: v for k, v in entry.items() if k.endswith("_mae")}}, step=i)
+    campaign.state["child_runs"][str(i)] = child.run_id
+    campaign.state["history"].append(entry)
+
+
+def _finish(campaign: Campaign, tracker: Tracker, reason: str) -> None:
+    i = campaign.state["iteration"]
+    campaign.state.update(stopped_because=reason, phase="done", final_iteration=i)
+    _track_iteration(campaign, tracker, i)
+    history = campaign.state["history"]
+    tracker.log_artifact(learning_curve_plot(history, campaign.dir / "learning_curve.png"), "plots")
+    tracker.log_dict({"history": history, "stopped_because": reason}, "history.json")
+    campaign.save_state()
+    campaign.log(f"campaign finished: {reason}")
+
+
+def _phase_train(campaign: Campaign, tracker: Tracker) -> None:
+    campaign.state["train_labels"] = len(campaign.journal.with_status("ok"))
+    campaign.state["train_data_hash"] = campaign.data_hash()
+    metrics = campaign.train_model(campaign.state["iteration"])
+    campaign.state["metrics"] = metrics
+    reason = _stop_after_training(campaign, metrics)
+    if reason:
+        return _finish(campaign, tracker, reason)
+    campaign.state["phase"] = "explore"
+
+
+def _phase_explore(campaign: Campaign, tracker: Tracker) -> None:
+    campaign.explore(campaign.state["iteration"])
+    campaign.state["phase"] = "select"
+
+
+def _phase_select(campaign: Campaign, tracker: Tracker) -> None:
+    record = campaign.select(campaign.state["iteration"])
+    campaign.log(f"iteration {campaign.state['iteration']}: explored {record['n_explored']}, "
+                 f"classes {record['counts']}, selected {len(record['keys'])}")
+    reason = _stop_after_selection(campaign, record)
+    if reason:
+        return _finish(campaign, tracker, reason)
+    campaign.state["phase"] = "label"
+
+
+def _phase_label(campaign: Campaign, tracker: Tracker) -> None:
+    campaign.label(campaign.state["iteration"])
+    campaign.state["phase"] = "track"
+
+
+def _phase_track(campaign: Campaign, tracker: Tracker) -> None:
+    _track_iteration(campaign, tracker, campaign.state["iteration"])
+    campaign.state.update(iteration=campaign.state["iteration"] + 1, phase="train")
+
+
+PHASES: dict[str, Callable[[Campaign, Tracker], None]] = {
+    "train": _phase_train, "explore": _phase_explore, "select": _phase_select,
+    "label": _phase_label, "track": _phase_track,
+}
+
+
+def run_campaign(config: CampaignConfig, registry: Registry, *, executor: Executor | None = None,
+                 verbose: bool = True) -> CampaignResult:
+    """Run (or resume) the campaign in ``config.output`` until a stop criterion holds."""
+    campaign = Campaign(config, registry, executor=executor, verbose=verbose)
+    campaign.prepare()
+    (campaign.dir / "campaign.yaml").write_text(yaml.safe_dump(_config_record(config), sort_keys=False))
+    tracker = _make_tracker(campaign)
+    try:
+        while campaign.state["phase"] != "done":
+            PHASES[campaign.state["phase"]](campaign, tracker)
+            campaign.save_state()
+    except BaseException as error:
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        campaign.close()
+    tracker.end("FINISHED")
+    final = campaign.state["final_iteration"]
+    return CampaignResult(campaign.dir, final, len(campaign.journal.with_status("ok")),
+                          campaign.state["stopped_because"], campaign.model_path(final))

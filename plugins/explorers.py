@@ -1,0 +1,201 @@
+"""Built-in explorers: propose configurations for active learning with any ASE calculator.
+
+- ``md`` — Langevin NVT (or Berendsen NPT where the calculator gives stress) at one or more
+  temperatures; a trajectory stops as soon as its max force std reaches the upper trust level
+  (read from ``calc.results['forces_std'|'forces_std_max']``), since beyond it the model's
+  dynamics are no longer trustworthy;
+- ``perturb`` — random rattles of the positions and (for periodic cells) random strains;
+- ``normal_modes`` — normal-mode sampling for molecules: Boltzmann-distributed displacements
+  along the modes of a finite-difference Hessian of the calculator.
+
+Explorers return unlabelled copies with ``info['explorer']`` (and what made them) set.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+
+from atomforge import ConfigError, ExplorerSpec, hookimpl
+from atomforge.exploration import uncertainty_of
+
+
+class _StopTrajectory(Exception):
+    """Raised from an MD observer when the trajectory leaves the trust region."""
+
+
+def _snapshot(atoms: Atoms, **info: object) -> Atoms:
+    """A calculator-free copy with provenance in ``info``."""
+    frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    frame.info.update({k: v for k, v in atoms.info.items() if k in ("charge", "spin", "fidelity")})
+    frame.info.update(info)
+    return frame
+
+
+class MDExplorer:
+    """Molecular dynamics with the model, stopped at the upper trust level."""
+
+    def __init__(self, *, temperatures: Sequence[float] = (300.0,), steps: int = 200, interval: int = 10,
+                 timestep_fs: float = 1.0, friction_per_fs: float = 0.02, ensemble: str = "nvt",
+                 pressure_gpa: float = 0.0, taut_fs: float = 100.0, taup_fs: float = 1000.0,
+                 compressibility_per_gpa: float = 0.01) -> None:
+        if ensemble not in ("nvt", "npt"):
+            raise ConfigError(f"md explorer: ensemble must be 'nvt' or 'npt'; got {ensemble!r}")
+        if steps < 1 or interval < 1:
+            raise ConfigError(f"md explorer: steps and interval must be ≥ 1; got {steps}, {interval}")
+        self.temperatures = [float(t) for t in np.atleast_1d(temperatures)]  # K, one run per start each
+        self.steps = steps  # MD steps per trajectory (at most)
+        self.interval = interval  # keep every interval-th frame as a candidate
+        self.timestep_fs = timestep_fs
+        self.friction_per_fs = friction_per_fs  # Langevin friction (NVT)
+        self.ensemble = ensemble  # nvt (Langevin) | npt (Berendsen; needs stress)
+        self.pressure_gpa, self.taut_fs, self.taup_fs = pressure_gpa, taut_fs, taup_fs
+        self.compressibility_per_gpa = compressibility_per_gpa
+
+    def _dynamics(self, atoms: Atoms, temperature: float, rng: np.random.Generator) -> object:
+        from ase.constraints import FixCom
+        from ase.md.langevin import Langevin
+        from ase.md.nptberendsen import NPTBerendsen
+
+        dt = self.timestep_fs * units.fs
+        if self.ensemble == "nvt":
+            atoms.set_constraint(FixCom())  # ASE's recommended way to keep the centre of mass still
+            return Langevin(atoms, timestep=dt, temperature_K=temperature,
+                            friction=self.friction_per_fs / units.fs, rng=rng, fixcm=False)
+        if not atoms.pbc.all() or "stress" not in atoms.calc.implemented_properties:
+            raise ConfigError("md explorer: NPT needs a 3D-periodic structure and a calculator with stress")
+        return NPTBerendsen(atoms, timestep=dt, temperature_K=temperature,
+                            pressure_au=self.pressure_gpa * units.GPa, taut=self.taut_fs * units.fs,
+                            taup=self.taup_fs * units.fs,
+                            compressibility_au=self.compressibility_per_gpa / units.GPa)
+
+    def _trajectory(self, start: Atoms, calculator: Calculator, temperature: float, hi: float | None,
+                    rng: np.random.Generator) -> list[Atoms]:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+        atoms = _snapshot(start)
+        atoms.calc = calculator
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        Stationary(atoms)
+        dyn = self._dynamics(atoms, temperature, rng)
+        frames: list[Atoms] = []
+
+        def observe() -> None:
+            sigma, _ = uncertainty_of(atoms.calc.results)
+            beyond = hi is not None and sigma is not None and sigma >= hi
+            if dyn.nsteps > 0 and (dyn.nsteps % self.interval == 0 or beyond):
+                frames.append(_snapshot(atoms, explorer="md", temperature=temperature, step=dyn.nsteps))
+            if beyond:
+                raise _StopTrajectory
+
+        dyn.attach(observe, interval=1)
+        try:
+            dyn.run(self.steps)
+        except _StopTrajectory:
+            pass
+        return frames
+
+    def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,
+                seed: int) -> list[Atoms]:
+        rng = np.random.default_rng(seed)
+        return [frame for start in starts for temperature in self.temperatures
+                for frame in self._trajectory(start, calculator, temperature, hi, rng)]
+
+
+class PerturbExplorer:
+    """Random rattles (Gaussian, ``rattle_std`` Å) and, for periodic cells, strains (±``strain``)."""
+
+    def __init__(self, *, n_per_start: int = 10, rattle_std: float = 0.05, strain: float = 0.02) -> None:
+        if n_per_start < 1 or rattle_std < 0 or strain < 0:
+            raise ConfigError("perturb explorer: n_per_start ≥ 1, rattle_std ≥ 0 and strain ≥ 0 required; "
+                              f"got {n_per_start}, {rattle_std}, {strain}")
+        self.n_per_start, self.rattle_std, self.strain = n_per_start, rattle_std, strain
+
+    def _perturb(self, start: Atoms, rng: np.random.Generator) -> Atoms:
+        atoms = _snapshot(start, explorer="perturb")
+        if self.strain and atoms.pbc.all():
+            eps = rng.uniform(-self.strain, self.strain, (3, 3))
+            atoms.set_cell(atoms.cell[:] @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+        atoms.positions += rng.normal(0.0, self.rattle_std, atoms.positions.shape)
+        return atoms
+
+    def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,
+                seed: int) -> list[Atoms]:
+        rng = np.random.default_rng(seed)
+        return [self._perturb(start, rng) for start in starts for _ in range(self.n_per_start)]
+
+
+def finite_difference_hessian(atoms: Atoms, calculator: Calculator, delta: float = 0.01) -> np.ndarray:
+    """[3N, 3N] Hessian (eV/Å²) by central differences of the calculator's forces, symmetrised."""
+    work = _snapshot(atoms)
+    work.calc = calculator
+    n = len(work)
+    hessian = np.zeros((3 * n, 3 * n))
+    for index in range(3 * n):
+        atom, axis = divmod(index, 3)
+        columns = []
+        for sign in (1, -1):
+            work.positions[atom, axis] += sign * delta
+            columns.append(work.get_forces().ravel())
+            work.positions[atom, axis] -= sign * delta
+        hessian[index] = -(columns[0] - columns[1]) / (2 * delta)
+    return 0.5 * (hessian + hessian.T)
+
+
+def _internal_projector(atoms: Atoms) -> np.ndarray:
+    """[3N, 3N] projector (mass-weighted coordinates) removing rigid translations and rotations."""
+    sqrt_m = np.sqrt(atoms.get_masses())
+    centred = atoms.positions - atoms.get_center_of_mass()
+    rigid = []
+    for axis in np.eye(3):
+        rigid.append((sqrt_m[:, None] * axis).ravel())
+        rigid.append((sqrt_m[:, None] * np.cross(axis, centred)).ravel())
+    q, r = np.linalg.qr(np.array(rigid).T)
+    q = q[:, np.abs(np.diag(r)) > 1e-8]  # a linear molecule has one rotation fewer
+    return np.eye(q.shape[0]) - q @ q.T
+
+
+class NormalModeExplorer:
+    """Normal-mode sampling (molecules): displacements along each vibrational mode with a
+    classical Boltzmann amplitude at ``temperature``, from the calculator's FD Hessian."""
+
+    def __init__(self, *, temperature: float = 300.0, n_per_start: int = 10, delta: float = 0.01,
+                 min_eigenvalue: float = 1e-3) -> None:
+        if temperature <= 0 or n_per_start < 1:
+            raise ConfigError(f"normal_modes explorer: temperature > 0 and n_per_start ≥ 1; got "
+                              f"{temperature}, {n_per_start}")
+        self.temperature, self.n_per_start, self.delta = temperature, n_per_start, delta
+        self.min_eigenvalue = min_eigenvalue  # eV/Å²/amu; softer modes (rotations, translations) are skipped
+
+    def _modes(self, start: Atoms, calculator: Calculator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if start.pbc.any():
+            raise ConfigError("normal_modes explorer samples molecules; this structure is periodic")
+        masses = np.repeat(start.get_masses(), 3)
+        weighted = finite_difference_hessian(start, calculator, self.delta) / np.sqrt(np.outer(masses, masses))
+        project = _internal_projector(start)
+        values, vectors = np.linalg.eigh(project @ weighted @ project)
+        keep = values > self.min_eigenvalue  # drops translations, rotations and unstable modes
+        return values[keep], vectors[:, keep], masses
+
+    def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,
+                seed: int) -> list[Atoms]:
+        rng, out = np.random.default_rng(seed), []
+        kT = units.kB * self.temperature
+        for start in starts:
+            values, vectors, masses = self._modes(start, calculator)
+            for _ in range(self.n_per_start):
+                amplitudes = rng.normal(0.0, np.sqrt(kT / values))
+                frame = _snapshot(start, explorer="normal_modes", temperature=self.temperature)
+                frame.positions += ((vectors @ amplitudes) / np.sqrt(masses)).reshape(-1, 3)
+                out.append(frame)
+        return out
+
+
+@hookimpl
+def register_explorers(register) -> None:  # noqa: ANN001
+    register(ExplorerSpec("md", MDExplorer, "Langevin NVT / Berendsen NPT MD, stopped at the upper trust level"))
+    register(ExplorerSpec("perturb", PerturbExplorer, "random rattles and strains"))
+    register(ExplorerSpec("normal_modes", NormalModeExplorer, "normal-mode sampling of molecules (FD Hessian)"))

@@ -1,0 +1,356 @@
+"""Built-in UQ heads — ``deep_ensemble``, ``shallow_ensemble``, ``mc_dropout``, ``latent_distance`` —
+and the ``energy_nll`` loss that trains a shallow ensemble's spread.
+
+Every head wraps a :class:`~atomforge.Potential` of any backbone (``factory(potential,
+**options)``) and returns mean outputs plus ``energy_std`` / ``forces_std`` (see ``docs/uq.md``).
+Forces of every member, head or sample come from the Potential's ``energy_derivatives``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from atomforge import ConfigError, LossSpec, Potential, UQHeadSpec, atoms_to_graph, collate, hookimpl
+from atomforge import keys as K
+from atomforge.graph import iterate_batches
+from atomforge.potential import differentiable_inputs, energy_derivatives, scatter_sum
+from atomforge.uncertainty import UQFitContext, UQHead, member_statistics, replicate_batch
+
+__all__ = ["DeepEnsemble", "ShallowEnsemble", "MCDropout", "LatentDistance", "EnergyNLL"]
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+        raise ConfigError(f"uq option {name} must be an integer ≥ {minimum}; got {value!r}")
+    return int(value)
+
+
+def _stack_members(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    keys = (K.ENERGY, K.NODE_ENERGY, K.FORCES, K.STRESS, K.VIRIAL)
+    return {k: torch.stack([o[k] for o in outputs]) for k in keys if k in outputs[0]}
+
+
+# -- deep ensemble ----------------------------------------------------------------------------------
+class _EnergyOf(nn.Module):
+    """Adapter so ``functional_call`` can run :meth:`Potential.energy_outputs` with other weights."""
+
+    def __init__(self, potential: Potential) -> None:
+        super().__init__()
+        self.potential = potential
+
+    def forward(self, batch, positions, strain):  # noqa: ANN001, ANN201
+        out = self.potential.energy_outputs(batch, positions, strain)
+        return out[K.ENERGY], out[K.NODE_ENERGY]
+
+
+def _reinitialise(potential: Potential, seed: int) -> Potential:
+    """A copy of ``potential`` with freshly initialised weights (same normalisation buffers)."""
+    member = copy.deepcopy(potential)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    for module in member.modules():
+        if hasattr(module, "reset_parameters") and module is not member:
+            module.reset_parameters()
+    torch.set_rng_state(generator_state)
+    return member
+
+
+class DeepEnsemble(UQHead):
+    """K independently initialised and trained Potentials; mean and spread of their predictions.
+
+    Member 0 is the model the engine trained; :meth:`fit` trains members 1…K-1 with their own
+    seeds. ``vectorize`` evaluates all members in one pass (``torch.func`` ``vmap`` over stacked
+    weights, one backward pass for all members' forces) instead of K Python-level calls.
+    """
+
+    def __init__(self, potential: Potential, *, num_members: int = 5, vectorize: bool = True) -> None:
+        super().__init__(potential)
+        self.num_members = _positive_int("num_members", num_members, 2)
+        self.vectorize = bool(vectorize)
+        self.others = nn.ModuleList(_reinitialise(potential, 1000 + k) for k in range(1, self.num_members))
+
+    @property
+    def members(self) -> list[Potential]:
+        return [self.potential, *self.others]
+
+    def fit(self, context: UQFitContext) -> None:
+        """Train members 1…K-1 (each a full, independently seeded training run)."""
+        for k, member in enumerate(self.others, start=1):
+            member.load_state_dict(context.train_member(k).state_dict())
+
+    def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
+        direct = self.potential.backbone.direct_forces
+        if self.vectorize and not direct and not self.training:
+            members = self._members_vectorised(batch, compute_forces, compute_stress)
+        else:
+            members = _stack_members([m(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+                                      for m in self.members])
+        return member_statistics(members)
+
+    def _members_vectorised(self, batch, compute_forces: bool, compute_stress: bool):  # noqa: ANN001, ANN202
+        count = self.num_members
+        positions, strain = differentiable_inputs(batch, compute_forces, compute_stress, copies=count)
+        adapter = _EnergyOf(self.potential)
+        names = [name for name, _ in self.potential.named_parameters()]
+        per_member = [dict(m.named_parameters()) for m in self.members]
+        params = {f"potential.{n}": torch.stack([p[n].detach() for p in per_member]) for n in names}
+        buffers = {f"potential.{n}": b for n, b in self.potential.named_buffers()}
+
+        def energy(weights, pos, eps):  # noqa: ANN001, ANN202
+            return functional_call(adapter, ({**weights, **buffers}), (batch, pos, eps))
+
+        in_dims = (0, 0, 0 if strain is not None else None)
+        energies, node_energies = vmap(energy, in_dims=in_dims)(params, positions, strain)
+        out = {K.ENERGY: energies, K.NODE_ENERGY: node_energies}
+        out.update(energy_derivatives(energies, batch, positions if compute_forces else None, strain,
+                                      create_graph=False))
+        return out
+
+
+# -- shallow ensemble ------------------------------------------------------------------------------------
+def _feature_width(potential: Potential) -> int:
+    """F of the backbone's NODE_FEATURES, found by running it on a dimer of its first element."""
+    from ase import Atoms
+
+    z = potential.elements[0]
+    dimer = Atoms(numbers=[z, z], positions=[[0, 0, 0], [0, 0, 0.5 * potential.cutoff]])
+    batch = collate([atoms_to_graph(dimer, potential.cutoff, dtype=_dtype(potential))])
+    with torch.no_grad():
+        out = potential.energy_outputs(batch, batch[K.POSITIONS], None)
+    if K.NODE_FEATURES not in out:
+        raise ConfigError("shallow_ensemble and latent_distance need a backbone that returns "
+                          "keys.NODE_FEATURES (per-atom latent features); this one does not")
+    return int(out[K.NODE_FEATURES].shape[-1])
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+FORCE_SPREADS = ("gradient", "local")
+
+
+class ShallowEnsemble(UQHead):
+    """One shared backbone, K linear readout heads on its per-atom features (Kellner & Ceriotti
+    2024): head k's energy is the Potential's energy plus ``scale·Σ_i w_k·h_i + b_k``.
+
+    Trained by the engine with the ``energy_nll`` loss (Gaussian NLL of the energy per atom
+    under the heads' mean and std) so the spread is meaningful. ``force_spread``: ``gradient``
+    differentiates every head's energy (one batched backward pass, exact); ``local`` uses the
+    heads' spread of each atom's energy (no extra backward; a proxy made into eV/Å by the
+    calibration).
+    """
+
+    trains_with_model = True
+    needs_loss_outputs = (K.ENERGY_STD,)
+
+    def __init__(self, potential: Potential, *, num_heads: int = 8, force_spread: str = "gradient",
+                 seed: int = 0) -> None:
+        super().__init__(potential)
+        if force_spread not in FORCE_SPREADS:
+            raise ConfigError(f"shallow_ensemble force_spread {force_spread!r} is not one of {FORCE_SPREADS}")
+        self.num_heads = _positive_int("num_heads", num_heads, 2)
+        self.force_spread = force_spread
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.heads = nn.Linear(_feature_width(potential), self.num_heads).to(_dtype(potential))
+        torch.set_rng_state(state)
+
+    def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
+        gradient = compute_forces and not self.potential.backbone.direct_forces
+        positions, strain = differentiable_inputs(batch, gradient, compute_stress)
+        out = self.potential.energy_outputs(batch, positions, strain)
+        if K.NODE_FEATURES not in out:
+            raise ConfigError("shallow_ensemble needs a backbone that returns keys.NODE_FEATURES")
+        offsets = self.heads(out[K.NODE_FEATURES]) * self.potential.scale.to(out[K.ENERGY].dtype)  # [N, K]
+        node = out[K.NODE_ENERGY].unsqueeze(-1) + offsets
+        energies = scatter_sum(node, batch[K.BATCH], int(batch[K.N_ATOMS].shape[0])).T  # [K, B]
+        members = not self.training and gradient and self.force_spread == "gradient"
+        wrt = positions if gradient else None
+        if members:
+            derived = energy_derivatives(energies, batch, wrt, strain, create_graph=False,
+                                         members=self.num_heads)
+            results = member_statistics({K.ENERGY: energies, K.NODE_ENERGY: node.T, **derived})
+        else:
+            results = member_statistics({K.ENERGY: energies, K.NODE_ENERGY: node.T})
+            results.update(energy_derivatives(results[K.ENERGY], batch, wrt, strain, create_graph=self.training))
+            if not self.training and gradient:
+                results[K.FORCES_STD] = offsets.std(-1, unbiased=False)
+        if compute_forces and K.DIRECT_FORCES in out:
+            results[K.FORCES] = out[K.DIRECT_FORCES]
+        return results
+
+
+# -- MC dropout ---------------------------------------------------------------------------------------
+class MCDropout(UQHead):
+    """Dropout (probability ``p``) on the inputs of the backbone's last ``layers`` linear layers,
+    on in training and kept on at inference: ``samples`` stochastic passes, run as one pass over
+    ``samples`` disjoint copies of the batch. Any backbone built from ``nn.Linear`` works."""
+
+    trains_with_model = True
+
+    def __init__(self, potential: Potential, *, p: float = 0.1, samples: int = 8, layers: int = 2) -> None:
+        super().__init__(potential)
+        if not 0.0 < float(p) < 1.0:
+            raise ConfigError(f"mc_dropout p must be in (0, 1); got {p!r}")
+        self.p = float(p)
+        self.samples = _positive_int("samples", samples, 2)
+        linears = [m for m in potential.backbone.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("mc_dropout needs a backbone with nn.Linear layers; this one has none")
+        self.sampling = False
+        for module in linears[-_positive_int("layers", layers):]:
+            module.register_forward_pre_hook(self._dropout)
+
+    def _dropout(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        active = self.training or self.sampling
+        return (nn.functional.dropout(inputs[0], self.p, training=active), *inputs[1:])
+
+    def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
+        if self.training:
+            return self.potential(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+        copies = replicate_batch(batch, self.samples)
+        self.sampling = True
+        try:
+            out = self.potential(copies, compute_forces=compute_forces, compute_stress=compute_stress)
+        finally:
+            self.sampling = False
+        keys = (K.ENERGY, K.NODE_ENERGY, K.FORCES, K.STRESS, K.VIRIAL)
+        members = {k: out[k].reshape(self.samples, -1, *out[k].shape[1:]) for k in keys if k in out}
+        return member_statistics(members)
+
+
+# -- latent distance -----------------------------------------------------------------------------------
+LATENT_METHODS = ("knn", "gmm")
+
+
+class LatentDistance(UQHead):
+    """Distance of each atom's latent features (keys.NODE_FEATURES) to those of the training set;
+    no retraining. ``knn``: mean Euclidean distance to the ``neighbors`` nearest of (at most
+    ``max_reference``) standardised training features; ``gmm``: negative log-likelihood under a
+    scikit-learn ``GaussianMixture`` (diagonal, ``components``), through a softplus after
+    shifting the training set's 1st percentile to 0 (positive, monotone). The per-atom score is the raw ``forces_std``; the energy's is the
+    root of the summed squares. Calibration turns both into eV and eV/Å.
+    """
+
+    def __init__(self, potential: Potential, *, method: str = "knn", neighbors: int = 5,
+                 components: int = 8, max_reference: int = 4096, seed: int = 0) -> None:
+        super().__init__(potential)
+        if method not in LATENT_METHODS:
+            raise ConfigError(f"latent_distance method {method!r} is not one of {LATENT_METHODS}")
+        self.method = method
+        self.neighbors = _positive_int("neighbors", neighbors)
+        self.components = _positive_int("components", components)
+        self.max_reference = _positive_int("max_reference", max_reference)
+        self.seed = int(seed)
+        for name in ("mean", "std", "reference", "weights", "means", "precisions", "offset"):
+            self.register_buffer(name, torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
+        for name, _ in list(self._buffers.items()):  # fitted sizes depend on the data
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def fit(self, context: UQFitContext) -> None:
+        """Collect the training set's latent features and fit the density (scikit-learn)."""
+        features = self._training_features(context)
+        mean, std = features.mean(0), features.std(0) + 1e-6
+        x = (features - mean) / std
+        rng = np.random.default_rng(self.seed)
+        if len(x) > self.max_reference:
+            x = x[rng.choice(len(x), self.max_reference, replace=False)]
+        dtype = _dtype(self.potential)
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
+        self.mean, self.std, self.offset = as_tensor(mean), as_tensor(std), as_tensor([0.0])
+        if self.method == "knn":  # brute-force k-NN (sklearn's algorithm="brute"), done in torch
+            self.reference = as_tensor(x)
+            return
+        from sklearn.mixture import GaussianMixture
+
+        gmm = GaussianMixture(self.components, covariance_type="diag", random_state=self.seed).fit(x)
+        self.weights, self.means = as_tensor(gmm.weights_), as_tensor(gmm.means_)
+        self.precisions = as_tensor(1.0 / gmm.covariances_)
+        self.offset = as_tensor([np.percentile(-gmm.score_samples(x), 1)])
+
+    @torch.no_grad()
+    def _training_features(self, context: UQFitContext) -> np.ndarray:
+        self.potential.eval()
+        parts = []
+        for batch in iterate_batches(context.train, context.batch_size):
+            out = self.potential.energy_outputs(batch, batch[K.POSITIONS], None)
+            if K.NODE_FEATURES not in out:
+                raise ConfigError("latent_distance needs a backbone that returns keys.NODE_FEATURES")
+            parts.append(out[K.NODE_FEATURES].double().numpy())
+        return np.concatenate(parts)
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-atom distance (knn) or shifted NLL (gmm) of latent features [N, F]."""
+        if self.mean.numel() == 0:
+            raise ConfigError("latent_distance is not fitted: train with uq: {name: latent_distance}")
+        x = (features.detach().to(self.mean.dtype) - self.mean) / self.std
+        if self.method == "knn":
+            distances = torch.cdist(x, self.reference)
+            k = min(self.neighbors, self.reference.shape[0])
+            return distances.topk(k, largest=False).values.mean(-1)
+        diff2 = (x.unsqueeze(1) - self.means).pow(2) * self.precisions  # [N, C, F]
+        log_det = torch.log(self.precisions).sum(-1)
+        log_prob = 0.5 * (log_det - diff2.sum(-1) - x.shape[-1] * np.log(2 * np.pi)) + torch.log(self.weights)
+        nll = -torch.logsumexp(log_prob, dim=-1)
+        return nn.functional.softplus(nll - self.offset)  # positive, monotone in the NLL
+
+    def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
+        out = self.potential(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+        if K.NODE_FEATURES not in out:
+            raise ConfigError("latent_distance needs a backbone that returns keys.NODE_FEATURES")
+        score = self.score(out.pop(K.NODE_FEATURES)).to(out[K.ENERGY].dtype)
+        out[K.FORCES_STD] = score
+        out[K.ENERGY_STD] = scatter_sum(score.pow(2), batch[K.BATCH], int(batch[K.N_ATOMS].shape[0])).sqrt()
+        return out
+
+
+# -- the NLL loss ----------------------------------------------------------------------------------------
+class EnergyNLL:
+    """Gaussian NLL of the energy per atom under the model's mean and ``energy_std`` (for heads
+    that produce a spread while training, i.e. ``shallow_ensemble``); weighted per structure.
+    ``eps`` (eV/atom)² keeps the variance away from zero. ``detach_mean`` lets the NLL train only
+    the spread, leaving the mean to the usual ``energy``/``forces`` terms."""
+
+    requires = (K.ENERGY,)
+    outputs = (K.ENERGY_STD,)
+
+    def __init__(self, *, eps: float = 1e-8, detach_mean: bool = False) -> None:
+        self.eps = float(eps)
+        self.detach_mean = bool(detach_mean)
+
+    def __call__(self, batch, outputs, model) -> torch.Tensor:  # noqa: ANN001
+        if K.ENERGY_STD not in outputs:
+            raise ConfigError("loss energy_nll needs a model with a spread while training "
+                              "(uq: {name: shallow_ensemble}); this model gives no energy_std")
+        n = batch[K.N_ATOMS].to(outputs[K.ENERGY].dtype)
+        var = (outputs[K.ENERGY_STD] / n).pow(2) + self.eps
+        mean = outputs[K.ENERGY].detach() if self.detach_mean else outputs[K.ENERGY]
+        error2 = ((mean - batch[K.ENERGY]) / n).pow(2)
+        w = batch[K.WEIGHT]
+        return (w * 0.5 * (torch.log(var) + error2 / var)).sum() / w.sum()
+
+
+@hookimpl
+def register_uq_heads(register) -> None:  # noqa: ANN001
+    register(UQHeadSpec("deep_ensemble", DeepEnsemble,
+                        "K independently trained models, one file, vectorised evaluation; num_members"))
+    register(UQHeadSpec("shallow_ensemble", ShallowEnsemble,
+                        "shared backbone + K readout heads trained with energy_nll; num_heads, force_spread"))
+    register(UQHeadSpec("mc_dropout", MCDropout, "dropout kept on at inference; p, samples, layers"))
+    register(UQHeadSpec("latent_distance", LatentDistance,
+                        "distance of latent features to the training set (scikit-learn); method: knn|gmm"))
+
+
+@hookimpl
+def register_losses(register) -> None:  # noqa: ANN001
+    register(LossSpec("energy_nll", EnergyNLL, "Gaussian NLL of energy per atom with the UQ head's std; eps, detach_mean"))

@@ -1,0 +1,246 @@
+"""Active-learning campaigns: on-disk records, labelling through executors, the loop, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import write
+
+from atomforge import CalculatorOracle, OracleSpec, get_labels, hookimpl, make_plugin_manager, make_registry
+from atomforge.active_learning import (
+    InlineExecutor, JournalEntry, LabelJournal, LabelledSet, OracleCall, campaign_from_dict, campaign_status,
+    export_campaign, label_all, make_executor, run_campaign, structure_hash,
+)
+from conftest import cu_structures, emt_label
+
+LOG = Path(os.environ.get("AL_TEST_ORACLE_LOG", "/nonexistent"))
+
+
+# -- records on disk ---------------------------------------------------------------------------------
+def test_structure_hash_is_stable_and_sensitive() -> None:
+    atoms = bulk("Cu", cubic=True)
+    moved = atoms.copy()
+    moved.positions[0, 0] += 1e-3
+    tiny = atoms.copy()
+    tiny.positions[0, 0] += 1e-8
+    assert structure_hash(atoms) == structure_hash(atoms.copy()) == structure_hash(tiny)
+    assert structure_hash(atoms) != structure_hash(moved)
+
+
+def test_a_half_written_journal_line_and_frame_are_dropped_and_the_journal_repaired(tmp_path) -> None:
+    journal = LabelJournal(tmp_path / "journal.jsonl")
+    labelled = LabelledSet(tmp_path / "labelled.extxyz")
+    a, b, c = cu_structures(3, seed=4)
+    labelled.append(a, "a")
+    journal.append(JournalEntry("a", "ok", 0))
+    labelled.append(b, "b")  # killed before its journal line: the label must not be lost
+    with open(labelled.path, "a") as handle:  # killed while writing a third frame
+        handle.write("4\nLattice=\"3.6 0 0 0 3.6 0 0 0 3.6\" Properties=species:S:1:pos:R:3\nCu 0 0 0\n")
+    with open(journal.path, "a") as handle:
+        handle.write('{"key": "zz", "sta')  # killed while writing a journal line
+    journal, labelled = LabelJournal(journal.path), LabelledSet(labelled.path)
+    assert labelled.keys() == ["a", "b"] and "zz" not in journal
+    from atomforge.active_learning._store import repair_journal
+
+    assert repair_journal(journal, labelled, 0) == 1
+    assert sorted(LabelJournal(journal.path).entries) == ["a", "b"]
+    assert get_labels(labelled.read()[1]).forces == pytest.approx(get_labels(b).forces)
+
+
+# -- labelling through executors ---------------------------------------------------------------------
+def _items(n: int) -> list[tuple[str, object]]:
+    structures = [s.copy() for s in cu_structures(n, seed=5)]
+    return [(structure_hash(s), s) for s in structures]
+
+
+def _emt_factory() -> CalculatorOracle:
+    return CalculatorOracle("emt", EMT)
+
+
+@pytest.mark.parametrize("kind", ["process", "dask"])
+def test_labels_come_back_through_a_pool_and_are_recorded_one_by_one(kind) -> None:
+    if kind == "dask":
+        pytest.importorskip("distributed", reason="dask.distributed not installed: pip install 'atomforge[dask]'")
+    executor = make_executor(kind, max_workers=1)
+    recorded = []
+    try:
+        results = label_all(executor, OracleCall(_emt_factory, timeout=60), _items(2), recorded.append)
+    finally:
+        executor.shutdown() if hasattr(executor, "shutdown") else None
+    assert [r.key for r in results] == [r.key for r in recorded] and all(r.ok for r in results)
+    reference = emt_label(_items(2)[0][1])
+    first = next(r for r in results if r.key == _items(2)[0][0])
+    assert get_labels(first.atoms).energy == pytest.approx(get_labels(reference).energy)
+
+
+# -- campaigns ---------------------------------------------------------------------------------------
+class MisbehavingOracle:
+    """EMT, except: raises for the 2nd request, NaN for the 3rd, hangs on the 4th; logs each request."""
+
+    name = "misbehaving"
+
+    def __init__(self, *, log: str, interrupt_after: int | None = None) -> None:
+        self.log, self.interrupt_after = Path(log), interrupt_after
+
+    def label(self, atoms):
+        key = structure_hash(atoms)
+        with open(self.log, "a") as handle:
+            handle.write(key + "\n")
+        calls = len(self.log.read_text().splitlines())
+        if self.interrupt_after is not None and calls > self.interrupt_after:
+            raise KeyboardInterrupt("simulated kill during labelling")
+        labelled = CalculatorOracle("emt", EMT).label(atoms)
+        if calls == 2:
+            raise RuntimeError("SCF exploded")
+        if calls == 3:
+            labelled.calc.results["forces"] = labelled.calc.results["forces"] * np.nan
+        if calls == 4:
+            time.sleep(10)
+        return labelled
+
+
+plugin = types.ModuleType("test_al_oracles")
+
+
+@hookimpl
+def _register_oracles(register) -> None:
+    register(OracleSpec("misbehaving", MisbehavingOracle, "test oracle"))
+
+
+plugin.register_oracles = _register_oracles
+
+
+@pytest.fixture(scope="module")
+def al_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("al")
+    files = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
+    write(files["initial"], cu_structures(10, seed=1))
+    write(files["test"], cu_structures(4, seed=2))
+    return files
+
+
+def campaign_raw(files, output, uq=None, **extra) -> dict:
+    uq = uq if uq is not None else {"name": "deep_ensemble", "num_members": 2}
+    raw = {
+        "initial_data": str(files["initial"]), "test": str(files["test"]),
+        "oracle": {"name": "emt", "timeout": 30, "retries": 1},
+        "train": {"model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 8, "num_layers": 1, "num_rbf": 6},
+                  "uq": uq, "training": {"max_epochs": 2, "batch_size": 4, "lr": 0.005}},
+        "explorers": [{"name": "md", "temperatures": [800], "steps": 20, "interval": 5},
+                      {"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
+        "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
+        "budget": {"per_iteration": 3, "total": 6}, "stop": {"max_iterations": 2},
+        "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none", "output": str(output),
+    }
+    raw.update(extra)
+    return raw
+
+
+def _journal_keys(directory: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tmp_path, registry) -> None:
+    raw = campaign_raw(al_files, tmp_path / "c", tracking={"name": "mlflow", "experiment": "al-test"})
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    assert result.stopped_because.startswith("max_iterations") and result.labels == 6
+    keys = _journal_keys(result.directory)
+    assert len(keys) == len(set(keys)) == 6
+    for i in range(3):  # every iteration's model is kept
+        assert (result.directory / "iterations" / f"{i:03d}" / "train" / "model.pt").exists()
+    status = campaign_status(result.directory)
+    assert status["phase"] == "done" and status["labels"] == 6 and "test_forces_mae" in status["last_errors"]
+    assert status["uncertainty"]["std_max"] > 0
+    exported = export_campaign(result.directory, tmp_path / "out")
+    assert int(exported["structures"]) == 16 and Path(exported["model"]).exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{result.directory / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("al-test").experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(children) == 3
+    first = next(r for r in children if r.info.run_name == "iteration-000")
+    assert {"labels", "selected", "explored_candidate", "test_forces_mae", "std_max"} <= set(first.data.metrics)
+    assert "data_hash" in first.data.params and first.data.params["hi"] == "1000.0"
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
+    assert "plots/learning_curve.png" in artifacts
+
+
+def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry) -> None:
+    raw = campaign_raw(al_files, tmp_path / "c", uq={"name": "latent_distance"},
+                       selector={"name": "diversity", "method": "farthest_point", "lo": 0.0, "hi": 1e6},
+                       budget={"per_iteration": 2, "total": 2})
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    assert result.labels == 2 and result.stopped_because.startswith("label budget")
+
+
+def test_failing_labels_are_recorded_and_skipped(al_files, tmp_path) -> None:
+    registry = make_registry(make_plugin_manager(extra=[plugin]))
+    log = tmp_path / "requests.log"
+    raw = campaign_raw(al_files, tmp_path / "c", oracle={"name": "misbehaving", "log": str(log), "timeout": 0.5,
+                                                         "retries": 0},
+                       budget={"per_iteration": 5, "total": 5}, stop={"max_iterations": 1})
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    journal = LabelJournal(result.directory / "journal.jsonl")
+    reasons = sorted(e.reason.split(":")[0] for e in journal.with_status("failed"))
+    assert reasons == ["OracleFailure", "OracleTimeout", "RuntimeError"]
+    assert len(journal.with_status("ok")) == result.labels == 2
+    assert campaign_status(result.directory)["label_failures"] == 3
+
+
+def test_killed_during_labelling_resumes_without_losing_or_repeating_labels(al_files, tmp_path) -> None:
+    registry = make_registry(make_plugin_manager(extra=[plugin]))
+    log = tmp_path / "requests.log"
+    log.write_text("x\nx\nx\nx\n")  # skip the misbehaving calls 1-4: every label succeeds
+    raw = campaign_raw(al_files, tmp_path / "c", oracle={"name": "misbehaving", "log": str(log),
+                                                         "interrupt_after": 6})
+    with pytest.raises(KeyboardInterrupt):  # the 3rd label of iteration 0 is in flight when "killed"
+        run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    first = _journal_keys(tmp_path / "c")
+    assert len(first) == 2 and json.loads((tmp_path / "c" / "state.json").read_text())["phase"] == "label"
+    raw["oracle"]["interrupt_after"] = None
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    keys = _journal_keys(result.directory)
+    requested = log.read_text().splitlines()[4:]
+    assert keys[:2] == first and len(keys) == len(set(keys)) == 6  # nothing lost, nothing twice
+    assert result.labels == len(LabelledSet(result.directory / "labelled.extxyz").keys()) == 6
+    completed_before = set(first)
+    assert not completed_before & set(requested[3:])  # completed labels were never requested again
+
+
+def test_al_cli_run_status_export(al_files, tmp_path) -> None:
+    import yaml
+
+    config = tmp_path / "campaign.yaml"
+    raw = campaign_raw(al_files, tmp_path / "c", budget={"per_iteration": 2, "total": 2}, stop={"max_iterations": 1},
+                       explorers=[{"name": "perturb", "n_per_start": 2}])
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+    def al(*args):
+        return subprocess.run([sys.executable, "-m", "atomforge", "al", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    done = al("run", str(config), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["labels"] == 2
+    again = al("run", str(config), "--quiet")  # re-running a finished campaign resumes: nothing to do
+    assert again.returncode == 0 and json.loads(again.stdout)["labels"] == 2
+    status = json.loads(al("status", str(tmp_path / "c")).stdout)
+    assert status["phase"] == "done" and status["labels"] == 2
+    exported = json.loads(al("export", str(tmp_path / "c"), "--out", str(tmp_path / "x")).stdout)
+    assert Path(exported["dataset"]).exists()
+    bad = al("status", str(tmp_path))
+    assert bad.returncode == 2 and "not a campaign directory" in bad.stderr

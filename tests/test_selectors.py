@@ -1,0 +1,79 @@
+"""Selectors: trust window, top-k, diversity and random, as registered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from atomforge import ConfigError
+from atomforge.exploration import Candidate
+
+STDS = [0.01, 0.04, 0.05, 0.1, 0.2, 0.3, 0.49, 0.5, 0.9, 2.0]
+
+
+def _candidates(stds=STDS, features=None) -> list[Candidate]:
+    atoms = bulk("Cu")
+    feats = features if features is not None else [np.array([s]) for s in stds]
+    return [Candidate(atoms, s, None, f) for s, f in zip(stds, feats)]
+
+
+def _make(registry, name, **options):
+    return registry.get("selectors", name).factory(**options)
+
+
+def test_trust_window_picks_only_inside_the_window_and_counts_classes(registry) -> None:
+    selection = _make(registry, "trust_window", lo=0.05, hi=0.5).select(_candidates(), 100, seed=1)
+    picked = sorted(STDS[i] for i in selection.indices)
+    assert picked == [0.05, 0.1, 0.2, 0.3, 0.49]  # lo inclusive, hi exclusive
+    assert dict(selection.counts) == {"accurate": 2, "candidate": 5, "failed": 3}
+    assert (selection.lo, selection.hi) == (0.05, 0.5)
+
+
+def test_trust_window_respects_the_budget_and_the_seed(registry) -> None:
+    selector = _make(registry, "trust_window", lo=0.05, hi=0.5)
+    a, b = (selector.select(_candidates(), 2, seed=7) for _ in range(2))
+    assert len(a.indices) == 2 and a.indices == b.indices
+    assert all(0.05 <= STDS[i] < 0.5 for i in a.indices)
+
+
+def test_adaptive_trust_levels_scale_with_the_calibration(registry) -> None:
+    selector = _make(registry, "trust_window", lo=1.0, hi=5.0, adaptive=True)
+    selection = selector.select(_candidates(), 100, calibration=0.1)
+    assert (selection.lo, selection.hi) == pytest.approx((0.1, 0.5))
+    assert sorted(STDS[i] for i in selection.indices) == [0.1, 0.2, 0.3, 0.49]
+    with pytest.raises(ConfigError, match="calibration"):
+        selector.select(_candidates(), 3, calibration=None)
+
+
+def test_bad_windows_and_missing_uncertainties_are_clear_errors(registry) -> None:
+    with pytest.raises(ConfigError, match="lo < hi"):
+        _make(registry, "trust_window", lo=0.5, hi=0.1)
+    no_std = [Candidate(bulk("Cu"))]
+    with pytest.raises(ConfigError, match="UQ head"):
+        _make(registry, "trust_window").select(no_std, 1)
+    assert _make(registry, "random").select(no_std, 1).indices == (0,)
+
+
+def test_top_k_takes_the_most_uncertain_below_hi(registry) -> None:
+    selection = _make(registry, "top_k", hi=0.5).select(_candidates(), 3)
+    assert [STDS[i] for i in selection.indices] == [0.49, 0.3, 0.2]
+    assert [STDS[i] for i in _make(registry, "top_k").select(_candidates(), 2).indices] == [2.0, 0.9]
+
+
+@pytest.mark.parametrize("method", ["kmeans", "farthest_point"])
+def test_diversity_avoids_near_duplicates_inside_the_window(registry, method) -> None:
+    # three tight clusters of candidates in latent space, all inside the window, plus one outside
+    rng = np.random.default_rng(0)
+    centres = [np.array([0.0, 0.0]), np.array([10.0, 0.0]), np.array([0.0, 10.0])]
+    features = [centres[i % 3] + rng.normal(0, 0.01, 2) for i in range(12)] + [np.array([50.0, 50.0])]
+    stds = [0.2] * 12 + [3.0]
+    selection = _make(registry, "diversity", method=method, lo=0.1, hi=1.0).select(
+        _candidates(stds, features), 3)
+    assert 12 not in selection.indices  # beyond hi
+    assert sorted(i % 3 for i in selection.indices) == [0, 1, 2]  # one per cluster
+
+
+def test_diversity_rejects_an_unknown_method(registry) -> None:
+    with pytest.raises(ConfigError, match="farthest_point"):
+        _make(registry, "diversity", method="dbscan")
