@@ -92,13 +92,23 @@ class DeepEnsemble(UQHead):
                                       for m in self.members])
         return member_statistics(members)
 
+    def _stacked_parameters(self) -> dict[str, torch.Tensor]:
+        """Members' weights stacked along a new axis 0 (detached); cached until any weight
+        changes (an in-place update bumps ``_version``; ``.to()`` moves ``data_ptr``)."""
+        per_member = [dict(m.named_parameters()) for m in self.members]
+        key = tuple((id(p), p.data_ptr(), p._version) for named in per_member for p in named.values())
+        cached = getattr(self, "_stack_cache", None)
+        if cached is None or cached[0] != key:
+            stacked = {f"potential.{n}": torch.stack([named[n].detach() for named in per_member])
+                       for n in per_member[0]}
+            object.__setattr__(self, "_stack_cache", (key, stacked))
+        return self._stack_cache[1]
+
     def _members_vectorised(self, batch, compute_forces: bool, compute_stress: bool):  # noqa: ANN001, ANN202
         count = self.num_members
         positions, strain = differentiable_inputs(batch, compute_forces, compute_stress, copies=count)
         adapter = _EnergyOf(self.potential)
-        names = [name for name, _ in self.potential.named_parameters()]
-        per_member = [dict(m.named_parameters()) for m in self.members]
-        params = {f"potential.{n}": torch.stack([p[n].detach() for p in per_member]) for n in names}
+        params = self._stacked_parameters()
         buffers = {f"potential.{n}": b for n, b in self.potential.named_buffers()}
 
         def energy(weights, pos, eps):  # noqa: ANN001, ANN202

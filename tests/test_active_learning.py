@@ -189,7 +189,7 @@ def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry
 def test_failing_labels_are_recorded_and_skipped(al_files, tmp_path) -> None:
     registry = make_registry(make_plugin_manager(extra=[plugin]))
     log = tmp_path / "requests.log"
-    raw = campaign_raw(al_files, tmp_path / "c", oracle={"name": "misbehaving", "log": str(log), "timeout": 0.5,
+    raw = campaign_raw(al_files, tmp_path / "c", oracle={"name": "misbehaving", "log": str(log), "timeout": 3,
                                                          "retries": 0},
                        budget={"per_iteration": 5, "total": 5}, stop={"max_iterations": 1})
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)

@@ -1,7 +1,8 @@
 """Physics as losses: does a non-equivariant, direct-force transformer learn the physics?
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/physics/run.py --system ethanol --budget-seconds 150
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/physics/run.py --system cu --budget-seconds 150
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/physics/run.py --system ethanol --budget-seconds 120
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/physics/run.py --system cu --budget-seconds 120
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/physics/run.py --system ethanol --time-only   # re-time calls
 
 Variants, each trained through ``atomforge.workflow.train`` (the CLI's code path) for the SAME
 wall-clock budget on ONE thread (cosine LR over the budget), then measured with
@@ -111,6 +112,35 @@ def time_calls(model: torch.nn.Module, atoms: Atoms, n_calls: int = 200, n_warmu
     return float(np.median(times))
 
 
+def time_model(model: torch.nn.Module, atoms: Atoms, n_calls: int = 300) -> float:
+    """Median ms of ``model(batch)`` (energy + forces, no stress, no neighbour list)."""
+    from atomforge.graph import atoms_to_graph, collate
+
+    batch = collate([atoms_to_graph(atoms, model.cutoff)])
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    times = []
+    for i in range(20 + n_calls):
+        start = time.perf_counter()
+        model(batch, compute_forces=True, compute_stress=False)
+        if i >= 20:
+            times.append(1e3 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def retime(args: argparse.Namespace, paths: tuple[Path, Path]) -> None:
+    """``--time-only``: re-time the calls of already trained variants (one process, idle-ish CPU)."""
+    out = HERE / "results" / f"{args.system}.json"
+    results = json.loads(out.read_text())
+    first = read(paths[1], 0)
+    for variant in results:
+        model = atomforge.load_model(HERE / "results" / f"{args.system}-{variant}" / "model.pt")
+        results[variant]["ms_per_call"] = time_calls(model, first)
+        results[variant]["model_ms_forces"] = time_model(model, first)
+        print(variant, results[variant]["ms_per_call"], results[variant]["model_ms_forces"], file=sys.stderr)
+    out.write_text(json.dumps(results, indent=2))
+
+
 def measure(model_path: Path, test: list[Atoms], args: argparse.Namespace) -> dict:
     """Physics metrics and the per-call cost of a trained model."""
     model = atomforge.load_model(model_path)
@@ -122,6 +152,7 @@ def measure(model_path: Path, test: list[Atoms], args: argparse.Namespace) -> di
     md = nve_stability(test[0], AtomforgeCalculator(model), settings)
     out.update({f"nve_{k}": v for k, v in dataclasses.asdict(md).items()})
     out["ms_per_call"] = time_calls(model, test[0])
+    out["model_ms_forces"] = time_model(model, test[0])
     out["n_params"] = sum(p.numel() for p in model.parameters())
     return out
 
@@ -164,6 +195,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="re-measure existing models instead of retraining")
+    p.add_argument("--time-only", action="store_true", help="only re-time the calls of trained variants")
     args = p.parse_args()
     args.cutoff = args.cutoff or (5.0 if args.system == "ethanol" else 4.5)
     args.timestep_fs = args.timestep_fs or (0.5 if args.system == "ethanol" else 1.0)
@@ -176,6 +208,9 @@ def main() -> None:
     torch.set_num_interop_threads(1)
     registry = atomforge.make_registry()
     paths = system_data(args.system, registry)
+    if args.time_only:
+        retime(args, paths)
+        return
     out = HERE / "results" / f"{args.system}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}

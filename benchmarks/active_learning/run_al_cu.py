@@ -1,0 +1,210 @@
+"""Active-learning benchmark on EMT Cu: uncertainty selection vs random selection of MD frames.
+
+Both arms run the same `atomforge al run` campaign — same 20 initial frames, explorer (Langevin MD
+from the same start pool), model, UQ head, training settings, label budget and fixed test set —
+and differ only in the selector: ``diversity`` (adaptive trust window + farthest-point spread in
+latent space) vs ``random``. The test force MAE after every iteration gives the learning curves.
+
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py            # both arms
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --plot-only
+
+Output: benchmarks/active_learning/results/{data,uncertainty,random}/ (git-ignored), the summary
+results/al-cu-learning-curve.json (copied to docs/benchmarks/al-cu-2026-11-29.json) and
+docs/benchmarks/al-cu-learning-curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from ase import units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import write
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+from atomforge import attach_labels
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PLOT = HERE.parents[1] / "docs" / "benchmarks" / "al-cu-learning-curve.png"
+SUMMARY = PLOT.with_name("al-cu-2026-11-29.json")  # results/ is git-ignored; the summary is kept here
+
+
+def cell(strain: float = 0.0, shear: float = 0.0, vacancy: bool = False):
+    """A 32-atom fcc Cu cell (2×2×2 cubic), optionally strained/sheared, optionally with a vacancy."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    deform = np.eye(3) * (1 + strain)
+    deform[0, 1] = shear
+    atoms.set_cell(atoms.cell[:] @ deform, scale_atoms=True)
+    if vacancy:
+        del atoms[0]
+    return atoms
+
+
+def label(atoms):
+    work = atoms.copy()
+    work.calc = EMT()
+    return attach_labels(atoms.copy(), energy=work.get_potential_energy(), forces=work.get_forces(),
+                         stress=work.get_stress())
+
+
+def emt_md(atoms, temperature: float, frames: int, every: int, seed: int):
+    """``frames`` EMT Langevin frames at ``temperature`` K, one every ``every`` 2-fs steps."""
+    work = atoms.copy()
+    work.calc = EMT()
+    MaxwellBoltzmannDistribution(work, temperature_K=temperature, rng=np.random.default_rng(seed))
+    dyn = Langevin(work, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=np.random.default_rng(seed))
+    out = []
+    for _ in range(frames):
+        dyn.run(every)
+        out.append(label(work))
+    return out
+
+
+def make_data(folder: Path) -> dict[str, Path]:
+    """Initial (20 rattled, mildly strained perfect cells), test set (MD at 300–1500 K over perfect,
+    strained, sheared and vacancy cells) and the exploration start pool (unlabelled)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    initial = []
+    for _ in range(20):
+        atoms = cell(strain=rng.uniform(-0.01, 0.01))
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        initial.append(label(atoms))
+    kinds = [dict(), dict(strain=0.03), dict(strain=-0.03), dict(shear=0.05), dict(vacancy=True),
+             dict(strain=0.02, vacancy=True)]
+    test = []
+    for k, kind in enumerate(kinds):
+        for t, temperature in enumerate((300, 700, 1100, 1500)):
+            test += emt_md(cell(**kind), temperature, frames=3, every=100, seed=1000 + 10 * k + t)
+    starts = [cell(**kind) for kind in kinds] + [cell(strain=-0.02, shear=0.03), cell(strain=0.04)]
+    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz", "starts": folder / "starts.extxyz"}
+    write(paths["initial"], initial)
+    write(paths["test"], test)
+    write(paths["starts"], starts)
+    return paths
+
+
+def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
+             epochs: int, max_time: str) -> dict:
+    return {
+        "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
+        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": 0,
+        "oracle": {"name": "emt", "timeout": 60, "retries": 0},
+        "train": {"model": {"backbone": "painn", "cutoff": 4.5, "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
+                  "uq": {"name": "latent_distance"},
+                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
+                  "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
+        "explorers": [{"name": "md", "temperatures": [300, 900, 1500], "steps": 100, "interval": 10,
+                       "timestep_fs": 2.0}],
+        "selector": selector,
+        "budget": {"per_iteration": per_iteration, "total": budget},
+        "stop": {"max_iterations": 1000},
+        "executor": {"kind": "serial"}, "tracking": "none",
+    }
+
+
+def arms(hi: float) -> dict[str, dict]:
+    """The selectors compared. ``hi`` (a multiple of the calibration σ) also stops MD trajectories.
+
+    - ``uncertainty``: adaptive trust window [1, hi) × calibration + farthest-point diversity;
+    - ``random``: uniform over every explored MD frame (trajectories never stopped);
+    - ``random_window``: uniform over the frames below hi (the same stopped trajectories as
+      ``uncertainty``; a stronger baseline that only drops the frames the model finds wildest).
+    """
+    return {
+        "uncertainty": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi, "adaptive": True},
+        "random": {"name": "random"},
+        "random_window": {"name": "trust_window", "lo": 0.0, "hi": hi, "adaptive": True},
+    }
+
+
+ARMS = arms(20.0)
+
+
+def run_arm(results: Path, name: str, raw: dict) -> subprocess.Popen:
+    """Start ``atomforge al run`` for one arm in the background (log in ``results/<name>.log``)."""
+    config = results / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = open(results / f"{name}.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.Popen([sys.executable, "-m", "atomforge", "al", "run", str(config)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+
+
+def curve(results: Path, name: str) -> list[dict]:
+    """Test errors vs labels used (beyond the initial data) after each iteration of one arm."""
+    path = results / name / "state.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    return [{"labels": h["train_labels"], "test_forces_mae": h.get("test_forces_mae"),
+             "test_energy_mae": h.get("test_energy_mae")} for h in state.get("history", [])]
+
+
+def summarise(results: Path = RESULTS, plot: Path = PLOT, summary_copy: Path = SUMMARY,
+              title: str = "EMT Cu, 32 atoms: active learning vs random MD frames", initial: int = 20) -> dict:
+    """Write the summary JSON (results/ and its copy under docs/) and the learning-curve PNG."""
+    curves = {name: curve(results, name) for name in ARMS if (results / name / "state.json").exists()}
+    summary: dict = {"arms": curves}
+    for baseline in ("random", "random_window"):
+        if curves.get(baseline) and curves.get("uncertainty"):
+            final = curves[baseline][-1]
+            reach = [p["labels"] for p in curves["uncertainty"] if p["test_forces_mae"] <= final["test_forces_mae"]]
+            summary[f"{baseline}_final"] = final
+            summary[f"uncertainty_labels_to_reach_{baseline}_final"] = min(reach) if reach else None
+    for path in (results / f"{plot.stem}.json", summary_copy):
+        path.write_text(json.dumps(summary, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, points in curves.items():
+        if points:
+            ax.plot([p["labels"] for p in points], [p["test_forces_mae"] for p in points], "o-", label=name)
+    ax.set_xlabel(f"labels used (beyond the {initial} initial frames)")
+    ax.set_ylabel("test force MAE (meV/Å)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=150)
+    parser.add_argument("--per-iteration", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--max-time", default="40s")
+    parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
+    parser.add_argument("--hi", type=float, default=20.0, help="upper trust level, × calibration σ")
+    parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    results = RESULTS / args.tag if args.tag else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{args.tag}" if args.tag else ""
+    if not args.plot_only:
+        paths = make_data(RESULTS / "data")
+        selectors = arms(args.hi)
+        procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
+                                                 args.per_iteration, args.epochs, args.max_time)) for name in args.arms]
+        for proc in procs:
+            proc.wait()
+    plot = PLOT.with_name(f"{PLOT.stem}{suffix}.png")
+    print(json.dumps(summarise(results, plot, SUMMARY.with_name(f"{SUMMARY.stem}{suffix}.json")), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Active-learning benchmark on GFN2-xTB ethanol: uncertainty selection vs random MD frames.
+
+The same two arms as ``run_al_cu.py`` (shared code imported from there), on one ethanol molecule
+labelled by the ``xtb`` oracle (tblite): 20 initial frames drawn at random from
+``benchmarks/ethanol/data/train.extxyz`` (600 K MD), a fixed test set of 100 frames of the
+independent 600 K trajectory plus 100 of the 1000 K one, exploration by Langevin MD at
+300/600/1000 K from 8 training frames.
+
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_ethanol.py
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_ethanol.py --plot-only
+
+Output: benchmarks/active_learning/results/ethanol/ (git-ignored),
+docs/benchmarks/al-ethanol-learning-curve.png and docs/benchmarks/al-ethanol-2026-11-29.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from ase.io import read, write
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_al_cu import ARMS, HERE, PLOT, run_arm, summarise  # noqa: E402
+
+DATA = HERE.parent / "ethanol" / "data"
+RESULTS = HERE / "results" / "ethanol"
+ETHANOL_PLOT = PLOT.with_name("al-ethanol-learning-curve.png")
+ETHANOL_SUMMARY = PLOT.with_name("al-ethanol-2026-11-29.json")
+
+
+def make_data(folder: Path) -> dict[str, Path]:
+    """Initial (20 random train frames), test (100 at 600 K + 100 at 1000 K), starts (8 train frames)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    train = read(DATA / "train.extxyz", index=":")
+    picked = rng.permutation(len(train))
+    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz", "starts": folder / "starts.extxyz"}
+    write(paths["initial"], [train[i] for i in picked[:20]])
+    write(paths["starts"], [train[i] for i in picked[20:28]])
+    write(paths["test"], read(DATA / "test.extxyz", index=":100") + read(DATA / "test_1000K.extxyz", index=":100"))
+    return paths
+
+
+def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
+             epochs: int, max_time: str) -> dict:
+    return {
+        "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
+        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": 0,
+        "oracle": {"name": "xtb", "timeout": 120, "retries": 1},
+        "train": {"model": {"backbone": "painn", "cutoff": 5.0, "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
+                  "uq": {"name": "latent_distance"},
+                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
+                  "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
+        "explorers": [{"name": "md", "temperatures": [300, 600, 1000], "steps": 200, "interval": 10,
+                       "timestep_fs": 0.5}],
+        "selector": selector,
+        "budget": {"per_iteration": per_iteration, "total": budget},
+        "stop": {"max_iterations": 1000},
+        "executor": {"kind": "serial"}, "tracking": "none",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--per-iteration", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--max-time", default="40s")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.plot_only:
+        paths = make_data(RESULTS / "data")
+        procs = [run_arm(RESULTS, name, campaign(paths, RESULTS / name, ARMS[name], args.budget, args.per_iteration,
+                                                 args.epochs, args.max_time)) for name in ("uncertainty", "random")]
+        for proc in procs:
+            proc.wait()
+    print(json.dumps(summarise(RESULTS, ETHANOL_PLOT, ETHANOL_SUMMARY,
+                               "GFN2-xTB ethanol: active learning vs random MD frames"), indent=2))
+
+
+if __name__ == "__main__":
+    main()
