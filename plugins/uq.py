@@ -60,18 +60,26 @@ def _reinitialise(potential: Potential, seed: int) -> Potential:
     return member
 
 
+VECTORIZE_MAX_ATOMS = 100  # vectorize: auto uses vmap up to this many atoms per batch
+
+
 class DeepEnsemble(UQHead):
     """K independently initialised and trained Potentials; mean and spread of their predictions.
 
     Member 0 is the model the engine trained; :meth:`fit` trains members 1…K-1 with their own
-    seeds. ``vectorize`` evaluates all members in one pass (``torch.func`` ``vmap`` over stacked
-    weights, one backward pass for all members' forces) instead of K Python-level calls.
+    seeds. ``vectorize: true`` evaluates all members in one pass (``torch.func`` ``vmap`` over
+    stacked weights, one backward pass for all members' forces), ``false`` makes K Python-level
+    calls, ``auto`` (default) vectorises batches of at most :data:`VECTORIZE_MAX_ATOMS` atoms:
+    measured, vmap wins where per-call overhead dominates (9 atoms: 4.1× vs 4.7× a single
+    model) and loses badly where the call is memory-bound (999 atoms: 15× vs 6.6×).
     """
 
-    def __init__(self, potential: Potential, *, num_members: int = 5, vectorize: bool = True) -> None:
+    def __init__(self, potential: Potential, *, num_members: int = 5, vectorize: bool | str = "auto") -> None:
         super().__init__(potential)
         self.num_members = _positive_int("num_members", num_members, 2)
-        self.vectorize = bool(vectorize)
+        if vectorize not in (True, False, "auto"):
+            raise ConfigError(f"deep_ensemble vectorize must be true, false or auto; got {vectorize!r}")
+        self.vectorize = vectorize
         self.others = nn.ModuleList(_reinitialise(potential, 1000 + k) for k in range(1, self.num_members))
 
     @property
@@ -85,7 +93,8 @@ class DeepEnsemble(UQHead):
 
     def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
         direct = self.potential.backbone.direct_forces
-        if self.vectorize and not direct and not self.training:
+        small = int(batch[K.POSITIONS].shape[0]) <= VECTORIZE_MAX_ATOMS
+        if (self.vectorize is True or (self.vectorize == "auto" and small)) and not direct and not self.training:
             members = self._members_vectorised(batch, compute_forces, compute_stress)
         else:
             members = _stack_members([m(batch, compute_forces=compute_forces, compute_stress=compute_stress)

@@ -80,12 +80,14 @@ def test_sigkilled_campaign_resumes_without_losing_or_repeating_labels(tmp_path)
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "AL_KILL_ORACLE_LOG": str(calls), "AL_KILL_ORACLE_SLEEP": "0.15"}
     completed_at_kill: list[set[str]] = []  # journalled keys at each kill
+    calls_at_kill: list[int] = []  # oracle calls made before each kill
     in_flight: set[str] = set()  # requested but not journalled at a kill: may be requested again
 
     def kill(condition: Callable[[], bool], what: str) -> None:
         _kill_when(_start(config, env, out), condition, what, out)
         journalled = {e["key"] for e in _journal(directory)}
         completed_at_kill.append(journalled)
+        calls_at_kill.append(len(_lines(calls)))
         in_flight.update(set(_lines(calls)) - journalled)
 
     # 1. between labels of iteration 0: two of its five labels are journalled
@@ -128,7 +130,8 @@ def test_sigkilled_campaign_resumes_without_losing_or_repeating_labels(tmp_path)
     # none requested twice: a key the oracle saw more than once was in flight (not completed) at a kill
     repeated = {key for key, n in Counter(_lines(calls)).items() if n > 1}
     assert repeated <= in_flight and len(repeated) <= len(completed_at_kill)
-    assert not repeated & set().union(*completed_at_kill)
+    for before, n_calls in zip(completed_at_kill, calls_at_kill):  # completed before a kill: never asked again
+        assert not before & set(_lines(calls)[n_calls:])
     assert len(_lines(calls)) == ITERATIONS * PER_ITERATION + sum(Counter(_lines(calls))[k] - 1 for k in repeated)
 
     # no duplicate structures: journal, stored keys and recomputed hashes (initial data included)

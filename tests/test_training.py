@@ -60,7 +60,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_after_kill_gives_the_same_model(registry, cu_files, tmp_path) -> None:
     """Kill a training process mid-run (SIGKILL), resume it, compare with an uninterrupted run."""
-    epochs = 6
+    epochs = 20  # long enough that a slow, loaded machine still kills it mid-run
     reference = train(config_from_dict(tiny_config(cu_files, tmp_path / "ref", max_epochs=epochs)), registry,
                       verbose=False)
     config = tmp_path / "killed.yaml"
@@ -70,15 +70,13 @@ def test_resume_after_kill_gives_the_same_model(registry, cu_files, tmp_path) ->
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.02)  # kill as soon as the first checkpoint is on disk
     assert proc.poll() is None, "training finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 2 <= killed_at < epochs and not (tmp_path / "killed" / "model.pt").exists()
+    assert 1 <= killed_at < epochs and not (tmp_path / "killed" / "model.pt").exists()
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     history = torch.load(ckpt, weights_only=True)["history"]

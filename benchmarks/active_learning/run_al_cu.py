@@ -1,16 +1,21 @@
 """Active-learning benchmark on EMT Cu: uncertainty selection vs random selection of MD frames.
 
-Both arms run the same `atomforge al run` campaign — same 20 initial frames, explorer (Langevin MD
+The arms run the same `atomforge al run` campaign — same 20 initial frames, explorer (Langevin MD
 from the same start pool), model, UQ head, training settings, label budget and fixed test set —
 and differ only in the selector: ``diversity`` (adaptive trust window + farthest-point spread in
 latent space) vs ``random``. The test force MAE after every iteration gives the learning curves.
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py            # both arms
-    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --plot-only
+    # the runs reported in docs/benchmarks.md (each ≈ 12-15 min on the shared 2-core VM):
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --tag hi20 --hi 20
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --tag hi6 --hi 6 \
+        --arms uncertainty random random_window
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --tag hi6-seed1 --hi 6 --seed 1 \
+        --arms uncertainty random random_window
+    OMP_NUM_THREADS=1 python benchmarks/active_learning/run_al_cu.py --tag hi6 --plot-only   # redraw
 
-Output: benchmarks/active_learning/results/{data,uncertainty,random}/ (git-ignored), the summary
-results/al-cu-learning-curve.json (copied to docs/benchmarks/al-cu-2026-11-29.json) and
-docs/benchmarks/al-cu-learning-curve.png.
+Output: benchmarks/active_learning/results/data/ and results/TAG/<arm>/ (campaign directories,
+git-ignored), the summary docs/benchmarks/al-cu-2026-11-29-TAG.json and the learning curve
+docs/benchmarks/al-cu-learning-curve-TAG.png.
 """
 
 from __future__ import annotations
@@ -95,10 +100,10 @@ def make_data(folder: Path) -> dict[str, Path]:
 
 
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str) -> dict:
+             epochs: int, max_time: str, seed: int = 0) -> dict:
     return {
         "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
-        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": 0,
+        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": seed,
         "oracle": {"name": "emt", "timeout": 60, "retries": 0},
         "train": {"model": {"backbone": "painn", "cutoff": 4.5, "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
                   "uq": {"name": "latent_distance"},
@@ -189,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max-time", default="40s")
     parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
     parser.add_argument("--hi", type=float, default=20.0, help="upper trust level, × calibration σ")
+    parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
     parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
@@ -199,7 +205,8 @@ def main() -> None:
         paths = make_data(RESULTS / "data")
         selectors = arms(args.hi)
         procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
-                                                 args.per_iteration, args.epochs, args.max_time)) for name in args.arms]
+                                                 args.per_iteration, args.epochs, args.max_time, args.seed))
+                 for name in args.arms]
         for proc in procs:
             proc.wait()
     plot = PLOT.with_name(f"{PLOT.stem}{suffix}.png")

@@ -24,7 +24,7 @@ import numpy as np
 from ase.io import read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_al_cu import ARMS, HERE, PLOT, run_arm, summarise  # noqa: E402
+from run_al_cu import HERE, PLOT, arms, run_arm, summarise  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
 RESULTS = HERE / "results" / "ethanol"
@@ -70,12 +70,14 @@ def main() -> None:
     parser.add_argument("--per-iteration", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--max-time", default="40s")
+    parser.add_argument("--hi", type=float, default=6.0, help="upper trust level, × calibration σ")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         paths = make_data(RESULTS / "data")
-        procs = [run_arm(RESULTS, name, campaign(paths, RESULTS / name, ARMS[name], args.budget, args.per_iteration,
+        selectors = arms(args.hi)
+        procs = [run_arm(RESULTS, name, campaign(paths, RESULTS / name, selectors[name], args.budget, args.per_iteration,
                                                  args.epochs, args.max_time)) for name in ("uncertainty", "random")]
         for proc in procs:
             proc.wait()

@@ -158,7 +158,8 @@ def time_calculator(model: torch.nn.Module, atoms: Atoms, calls: int, warmup: in
 
 def variants(models: dict) -> dict[str, torch.nn.Module]:
     """Every head plus the single model and the compared evaluation modes."""
-    deep = models["deep_ensemble"]
+    deep = copy.deepcopy(models["deep_ensemble"])
+    deep.vectorize = True  # the two modes side by side (the head's default, auto, picks by size)
     loop = copy.deepcopy(deep)
     loop.vectorize = False
     local = copy.deepcopy(models["shallow_ensemble"])
