@@ -21,6 +21,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from ase.io import read
 
 import atomforge
 from atomforge.workflow import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bench_timing import median_call_ms  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,18 +57,8 @@ def config(args: argparse.Namespace) -> dict:
 
 
 def time_calculator(calc: object, atoms: Atoms, n_calls: int, n_warmup: int, seed: int) -> float:
-    """Median ms per ``get_forces()``; positions nudged by ~1e-4 Å before every call."""
-    atoms = atoms.copy()
-    atoms.calc = calc
-    rng = np.random.default_rng(seed)
-    times = []
-    for i in range(n_warmup + n_calls):
-        atoms.positions = atoms.positions + rng.normal(scale=1e-4, size=atoms.positions.shape)
-        start = time.perf_counter()
-        atoms.get_forces()
-        if i >= n_warmup:
-            times.append(1e3 * (time.perf_counter() - start))
-    return float(np.median(times))
+    """Median ms per ``get_forces()`` (see ``benchmarks/_bench_timing.py``)."""
+    return median_call_ms(calc, atoms, n_calls, n_warmup, seed)
 
 
 def timings(model_path: Path, args: argparse.Namespace) -> dict:

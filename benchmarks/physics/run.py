@@ -51,6 +51,9 @@ from atomforge.config import EvaluationConfig
 from atomforge.physics import curl_metrics, nve_stability, rotation_error
 from atomforge.workflow import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bench_timing import median_call_ms  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("direct-noaug", "direct", "direct-curl", "conservative", "painn")
 
@@ -98,18 +101,8 @@ def variant_config(variant: str, args: argparse.Namespace, train_path: Path, tes
 
 
 def time_calls(model: torch.nn.Module, atoms: Atoms, n_calls: int = 200, n_warmup: int = 20) -> float:
-    """Median ms per ``get_forces()``; positions nudged by ~1e-4 Å before every call."""
-    atoms = atoms.copy()
-    atoms.calc = AtomforgeCalculator(model)
-    rng = np.random.default_rng(0)
-    times = []
-    for i in range(n_warmup + n_calls):
-        atoms.positions = atoms.positions + rng.normal(scale=1e-4, size=atoms.positions.shape)
-        start = time.perf_counter()
-        atoms.get_forces()
-        if i >= n_warmup:
-            times.append(1e3 * (time.perf_counter() - start))
-    return float(np.median(times))
+    """Median ms per ``get_forces()`` (see ``benchmarks/_bench_timing.py``)."""
+    return median_call_ms(AtomforgeCalculator(model), atoms, n_calls, n_warmup)
 
 
 def time_model(model: torch.nn.Module, atoms: Atoms, n_calls: int = 300) -> float:

@@ -34,6 +34,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from atomforge import AtomforgeCalculator, UQFitContext, attach_labels, calibrat
 from atomforge.graph import GraphDataset
 from atomforge.uncertainty import build_uq_head
 from atomforge.workflow import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bench_timing import median_call_ms  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ETHANOL = HERE.parent / "ethanol" / "data"
@@ -142,18 +146,8 @@ def split_sets(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, Gr
 
 
 def time_calculator(model: torch.nn.Module, atoms: Atoms, calls: int, warmup: int = 10) -> float:
-    """Median ms per ``get_forces()`` (positions nudged 1e-4 Å before each call)."""
-    atoms = atoms.copy()
-    atoms.calc = AtomforgeCalculator(model)
-    rng = np.random.default_rng(0)
-    times = []
-    for i in range(warmup + calls):
-        atoms.positions = atoms.positions + rng.normal(scale=1e-4, size=atoms.positions.shape)
-        start = time.perf_counter()
-        atoms.get_forces()
-        if i >= warmup:
-            times.append(1e3 * (time.perf_counter() - start))
-    return float(np.median(times))
+    """Median ms per ``get_forces()`` (see ``benchmarks/_bench_timing.py``)."""
+    return median_call_ms(AtomforgeCalculator(model), atoms, calls, warmup)
 
 
 def variants(models: dict) -> dict[str, torch.nn.Module]:
