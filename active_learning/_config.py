@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from atomforge import ConfigError
-from atomforge.config import SourceConfig, apply_overrides
+from atomforge.config import SourceConfig, apply_overrides, read_yaml
 
 __all__ = ["PluginChoice", "OracleConfig", "BudgetConfig", "StopConfig", "ExecutorConfig",
            "CampaignConfig", "campaign_from_dict", "load_campaign"]
@@ -180,11 +179,5 @@ def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> Ca
 
 def load_campaign(path: Path | str, overrides: tuple[str, ...] = ()) -> CampaignConfig:
     """Read a campaign YAML file (with ``--set a.b=c`` overrides)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"campaign file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    return campaign_from_dict(apply_overrides(raw, list(overrides)), path.parent)
+    raw = read_yaml(path, "campaign file")
+    return campaign_from_dict(apply_overrides(raw, list(overrides)), Path(path).parent)

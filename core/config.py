@@ -31,6 +31,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "apply_overrides",
+    "read_yaml",
     "parse_duration",
 ]
 
@@ -390,13 +391,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def load_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config, apply overrides, resolve paths against the file's folder."""
+def read_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML file, with clear errors for a missing file or invalid YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    return config_from_dict(apply_overrides(raw, overrides), path.parent)
+
+
+def load_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, resolve paths against the file's folder."""
+    raw = read_yaml(path)
+    return config_from_dict(apply_overrides(raw, overrides), Path(path).parent)

@@ -99,18 +99,24 @@ def make_data(folder: Path) -> dict[str, Path]:
     return paths
 
 
+#: What differs between the benchmark systems; everything else in :func:`campaign` is shared.
+CU_SYSTEM = {"oracle": {"name": "emt", "timeout": 60, "retries": 0}, "cutoff": 4.5,
+             "md": {"temperatures": [300, 900, 1500], "steps": 100, "timestep_fs": 2.0}}
+
+
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str, seed: int = 0) -> dict:
+             epochs: int, max_time: str, seed: int = 0, system: dict = CU_SYSTEM) -> dict:
+    """One arm's campaign config; arms differ only in ``selector`` (and ``seed``)."""
     return {
         "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
         "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": seed,
-        "oracle": {"name": "emt", "timeout": 60, "retries": 0},
-        "train": {"model": {"backbone": "painn", "cutoff": 4.5, "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
+        "oracle": dict(system["oracle"]),
+        "train": {"model": {"backbone": "painn", "cutoff": system["cutoff"], "hidden_channels": 32, "num_layers": 2,
+                            "num_rbf": 16},
                   "uq": {"name": "latent_distance"},
                   "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
                   "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
-        "explorers": [{"name": "md", "temperatures": [300, 900, 1500], "steps": 100, "interval": 10,
-                       "timestep_fs": 2.0}],
+        "explorers": [{"name": "md", "interval": 10, **system["md"]}],
         "selector": selector,
         "budget": {"per_iteration": per_iteration, "total": budget},
         "stop": {"max_iterations": 1000},

@@ -25,6 +25,7 @@ from ase.io import read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_al_cu import HERE, PLOT, arms, run_arm, summarise  # noqa: E402
+from run_al_cu import campaign as cu_campaign  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
 RESULTS = HERE / "results" / "ethanol"
@@ -45,23 +46,15 @@ def make_data(folder: Path) -> dict[str, Path]:
     return paths
 
 
+ETHANOL_SYSTEM = {"oracle": {"name": "xtb", "timeout": 120, "retries": 1}, "cutoff": 5.0,
+                  "md": {"temperatures": [300, 600, 1000], "steps": 200, "timestep_fs": 0.5}}
+
+
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
              epochs: int, max_time: str) -> dict:
-    return {
-        "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
-        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": 0,
-        "oracle": {"name": "xtb", "timeout": 120, "retries": 1},
-        "train": {"model": {"backbone": "painn", "cutoff": 5.0, "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
-                  "uq": {"name": "latent_distance"},
-                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
-                  "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
-        "explorers": [{"name": "md", "temperatures": [300, 600, 1000], "steps": 200, "interval": 10,
-                       "timestep_fs": 0.5}],
-        "selector": selector,
-        "budget": {"per_iteration": per_iteration, "total": budget},
-        "stop": {"max_iterations": 1000},
-        "executor": {"kind": "serial"}, "tracking": "none",
-    }
+    """The Cu benchmark's campaign with the ethanol oracle, cutoff and MD settings."""
+    return cu_campaign(paths, output, selector, budget, per_iteration, epochs, max_time, seed=0,
+                       system=ETHANOL_SYSTEM)
 
 
 def main() -> None:
