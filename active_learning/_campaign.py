@@ -69,11 +69,11 @@ class Campaign:
             print(f"[al] {message}", file=sys.stderr)
 
     def _check_names(self) -> None:
-        """Fail early on unknown plugin names, before anything runs."""
+        """Fail early on unknown plugin names and bad explorer options, before anything runs."""
         self.registry.get(PluginKind.ORACLE, self.config.oracle.name)
         self.registry.get(PluginKind.SELECTOR, self.config.selector.name)
-        for explorer in self.config.explorers:
-            self.registry.get(PluginKind.EXPLORER, explorer.name)
+        for explorer in self.config.explorers:  # built once to check options (e.g. a missing file)
+            self.registry.get(PluginKind.EXPLORER, explorer.name).factory(**explorer.options)
 
     def save_state(self) -> None:
         write_json_atomic(self.dir / STATE_FILE, self.state)

@@ -90,19 +90,26 @@ def _source(value: Any, base_dir: Path, where: str) -> SourceConfig | None:
         return None
     options = {"path": str(value)} if isinstance(value, (str, Path)) else _mapping(value, where)
     name = str(options.pop("source", "ase"))
+    return SourceConfig(name, _resolve_paths(options, base_dir))
+
+
+def _resolve_paths(options: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``options`` with its ``path`` / ``paths`` (a list) made absolute against ``base_dir``."""
     for key in ("path", "paths"):
-        if key in options:
+        if options.get(key) is not None:
             paths = options[key] if isinstance(options[key], list) else [options[key]]
-            resolved = [str((base_dir / Path(p).expanduser()).resolve()) for p in paths]
+            resolved = [str((base_dir / Path(str(p)).expanduser()).resolve()) for p in paths]
             options[key] = resolved if isinstance(options[key], list) else resolved[0]
-    return SourceConfig(name, options)
+    return options
 
 
-def _choice(value: Any, where: str) -> PluginChoice:
+def _choice(value: Any, where: str, base_dir: Path | None = None) -> PluginChoice:
+    """A plugin choice; with ``base_dir``, its ``path`` / ``paths`` options resolve against it."""
     item = {"name": value} if isinstance(value, str) else _mapping(value, where)
     if "name" not in item:
         raise ConfigError(f"{where}: missing 'name' (a registry name; see `atomforge plugins`)")
-    return PluginChoice(str(item.pop("name")), item)
+    name = str(item.pop("name"))
+    return PluginChoice(name, item if base_dir is None else _resolve_paths(item, base_dir))
 
 
 def _typed(cls: type, value: Any, where: str) -> Any:
@@ -161,7 +168,7 @@ def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> Ca
         initial_data=_source(raw["initial_data"], base_dir, "initial_data"),  # type: ignore[arg-type]
         oracle=_oracle(raw["oracle"]),
         train=_train(raw["train"]),
-        explorers=tuple(_choice(e, f"explorers[{i}]") for i, e in enumerate(explorers)),
+        explorers=tuple(_choice(e, f"explorers[{i}]", base_dir) for i, e in enumerate(explorers)),
         selector=_choice(raw["selector"], "selector"),
         output=(base_dir / Path(str(raw["output"])).expanduser()).resolve(),
         budget=_typed(BudgetConfig, raw.get("budget"), "budget"),

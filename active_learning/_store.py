@@ -1,5 +1,6 @@
-"""A campaign's records on disk: structure hashes, the label journal, the labelled data set and
-atomically written JSON state.
+"""A campaign's records on disk: the label journal (keyed by ``structure_hash``, defined in
+``atomforge.exploration`` and shared with explorers), the labelled data set and atomically
+written JSON state.
 
 Crash safety rests on two append-only files written in a fixed order. For every finished label
 the labelled structure is first appended to ``labelled.extxyz`` (one write, flushed and fsynced,
@@ -12,7 +13,6 @@ requested again.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,23 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
+from atomforge.exploration import structure_hash  # the key, shared with explorers (re-exported here)
+
 __all__ = ["structure_hash", "JournalEntry", "LabelJournal", "LabelledSet", "write_json_atomic", "read_json"]
-
-
-def structure_hash(atoms: Atoms, decimals: int = 5) -> str:
-    """A stable key of a configuration: atomic numbers, positions and cell rounded to
-    ``decimals`` Å, and periodicity (16 hex digits of SHA-256)."""
-    digest = hashlib.sha256()
-    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    for array in (atoms.positions, atoms.cell[:]):
-        rounded = np.round(np.asarray(array, dtype=float), decimals) + 0.0  # +0.0 folds -0.0 into 0.0
-        digest.update(rounded.tobytes())
-    digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

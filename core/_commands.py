@@ -135,21 +135,37 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--out", type=Path, default=Path("traj.extxyz"))
     parser.add_argument("--interval", type=int, default=10, help="write every N-th step")
     parser.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("flagging uncertain configurations (UQ models; docs/active_learning.md)")
+    group.add_argument("--flag-uncertain", type=float, metavar="LEVEL",
+                       help="append every step whose max force std is ≥ LEVEL (eV/Å) to the candidates file")
+    group.add_argument("--candidates", type=Path, metavar="FILE",
+                       help="extxyz file flagged steps are appended to (default: candidates.extxyz)")
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
         from dataclasses import asdict
 
         import ase.io
 
+        from ._errors import ConfigError
         from .calculator import load_calculator
         from .md import run_md
 
+        if args.candidates is not None and args.flag_uncertain is None:
+            raise ConfigError("--candidates needs --flag-uncertain LEVEL (the trust level, max force std in eV/Å)")
+        candidates = (args.candidates or Path("candidates.extxyz")) if args.flag_uncertain is not None else None
+        calculator = load_calculator(args.model, registry=registry, flag_uncertain=args.flag_uncertain,
+                                     candidates=candidates)
         atoms = ase.io.read(args.structure, index=-1)
-        summary = run_md(atoms, load_calculator(args.model, registry=registry), steps=args.steps,
+        summary = run_md(atoms, calculator, steps=args.steps,
                          temperature=args.temperature, ensemble=args.ensemble,
                          timestep_fs=args.timestep, friction_per_fs=args.friction, out=args.out,
                          interval=args.interval, seed=args.seed)
-        print(json.dumps({"trajectory": str(args.out), **asdict(summary)}, indent=2))
+        report = {"trajectory": str(args.out), **asdict(summary)}
+        if candidates is not None:
+            report["candidates"] = str(candidates)
+            print(f"flagged {summary.flagged} of {summary.steps + 1} configurations (max force std ≥ "
+                  f"{args.flag_uncertain:g} eV/Å); appended to {candidates}", file=sys.stderr)
+        print(json.dumps(report, indent=2))
         return 0
 
     return run

@@ -13,7 +13,9 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import keys as K
+from ._errors import ConfigError
 from .data import check_geometry
+from .flagging import UncertaintyFlagger
 from .graph import atoms_to_graph, collate
 from .potential import Potential
 
@@ -33,6 +35,12 @@ class AtomforgeCalculator(Calculator):
     ``energy_std`` (eV, float), ``forces_std`` (eV/Å, [N]: the std of each force component of
     an atom) and ``forces_std_max`` (eV/Å, float: the largest ``forces_std``). Energy, forces and
     stress are then the head's means.
+
+    **Flagging** (UQ models only): with ``flag_uncertain`` (a trust level, max force std in eV/Å)
+    and ``candidates`` (an extxyz path), every calculation whose ``forces_std_max`` is ≥ the
+    trust level appends the configuration to the candidates file, fsynced, and the first one
+    warns once (:mod:`atomforge.flagging`). ``self.flagger`` is then the
+    :class:`~atomforge.flagging.UncertaintyFlagger` (counts in ``flagged``); otherwise ``None``.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -43,6 +51,8 @@ class AtomforgeCalculator(Calculator):
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        flag_uncertain: float | None = None,
+        candidates: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -56,6 +66,7 @@ class AtomforgeCalculator(Calculator):
         self.dtype = _float_dtype(self.model)
         if getattr(self.model, "calibration", None) is not None:  # a UQ head: std keys too
             self.implemented_properties = [*type(self).implemented_properties, *UNCERTAINTY_PROPERTIES]
+        self.flagger = _flagger(flag_uncertain, candidates, uq=K.FORCES_STD_MAX in self.implemented_properties)
 
     def calculate(
         self,
@@ -83,6 +94,23 @@ class AtomforgeCalculator(Calculator):
             if key in out:
                 value = out[key].detach().cpu().double().numpy()
                 self.results[key] = float(value[0]) if key != K.FORCES_STD else value
+        if self.flagger is not None:
+            self.flagger.observe(self.atoms, self.results)
+
+
+def _flagger(trust_level: float | None, candidates: str | Path | None, *, uq: bool) -> UncertaintyFlagger | None:
+    """The flagger asked for (both or neither of ``flag_uncertain`` and ``candidates``)."""
+    if trust_level is None and candidates is None:
+        return None
+    if trust_level is None or candidates is None:
+        raise ConfigError("flagging uncertain configurations needs both flag_uncertain (a trust level, max "
+                          f"force std in eV/Å) and candidates (a file); got flag_uncertain={trust_level!r}, "
+                          f"candidates={candidates!r}")
+    if not uq:
+        raise ConfigError("flagging uncertain configurations needs a UQ model (one whose model file has a "
+                          "`uq` head, which reports forces_std_max); this model has none. Train it with a "
+                          "`uq:` section, e.g. uq: {name: deep_ensemble, num_members: 4} (docs/uq.md).")
+    return UncertaintyFlagger(candidates, trust_level)
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -93,9 +121,18 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def load_calculator(
-    path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, registry: Any = None
+    path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, registry: Any = None,
+    flag_uncertain: float | None = None, candidates: str | Path | None = None,
 ) -> AtomforgeCalculator:
-    """An ASE calculator for the model file at ``path``."""
+    """An ASE calculator for the model file at ``path``.
+
+    ``flag_uncertain`` (eV/Å) and ``candidates`` (extxyz path) switch on flagging (see
+    :class:`AtomforgeCalculator`); flagged frames record the model file as ``info['source']``.
+    """
     from .modelfile import load_model
 
-    return AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype)
+    calculator = AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype,
+                                     flag_uncertain=flag_uncertain, candidates=candidates)
+    if calculator.flagger is not None:
+        calculator.flagger.source = str(Path(path).resolve())
+    return calculator

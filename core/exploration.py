@@ -6,11 +6,13 @@ one into a :class:`Candidate` (uncertainties, latent features), and a **selector
 (:func:`atomforge.hookspecs.register_selectors`) picks which to label, returning a
 :class:`Selection`. Uncertainties are read from the calculator's documented extra result keys
 (``forces_std`` per atom, ``forces_std_max`` and ``energy_std`` per structure) by
-:func:`uncertainty_of`.
+:func:`uncertainty_of`. :func:`structure_hash` is the key a configuration is known by (the label
+journal's key, and how explorers deduplicate).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -18,7 +20,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-__all__ = ["Candidate", "Selection", "Explorer", "Selector", "uncertainty_of", "TRUST_CLASSES"]
+__all__ = ["Candidate", "Selection", "Explorer", "Selector", "uncertainty_of", "structure_hash", "TRUST_CLASSES"]
 
 #: DP-GEN's classes of a candidate by its max force std σ: accurate (σ < lo), candidate
 #: (lo ≤ σ < hi, worth labelling) and failed (σ ≥ hi, too far off to learn from).
@@ -85,3 +87,15 @@ def uncertainty_of(results: Mapping[str, Any]) -> tuple[float | None, float | No
     forces_std = np.asarray(forces_std, dtype=float)
     per_atom = np.linalg.norm(forces_std, axis=-1) if forces_std.ndim == 2 else forces_std
     return float(per_atom.max()), energy_std
+
+
+def structure_hash(atoms: Atoms, decimals: int = 5) -> str:
+    """A stable key of a configuration: atomic numbers, positions and cell rounded to
+    ``decimals`` Å, and periodicity (16 hex digits of SHA-256)."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    for array in (atoms.positions, atoms.cell[:]):
+        rounded = np.round(np.asarray(array, dtype=float), decimals) + 0.0  # +0.0 folds -0.0 into 0.0
+        digest.update(rounded.tobytes())
+    digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
+    return digest.hexdigest()[:16]

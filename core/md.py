@@ -32,6 +32,7 @@ class MDSummary:
     energy_drift_meV_per_atom_per_ps: float  # slope of total energy (meaningful for NVE)
     max_energy_deviation_meV_per_atom: float
     frames_written: int
+    flagged: int = 0  # configurations the calculator's flagger wrote to its candidates file in this run
 
 
 def run_md(
@@ -48,7 +49,11 @@ def run_md(
     seed: int = 0,
     progress: bool = True,
 ) -> MDSummary:
-    """Run NVE (velocity Verlet) or NVT (Langevin) MD; write every ``interval``-th frame."""
+    """Run NVE (velocity Verlet) or NVT (Langevin) MD; write every ``interval``-th frame.
+
+    A calculator with a flagger (``calculator.flagger``, see :mod:`atomforge.flagging`) records
+    the MD step of each flagged configuration (0 = the start); the summary counts them.
+    """
     if ensemble not in ("nve", "nvt"):
         raise ConfigError(f"ensemble must be 'nve' or 'nvt'; got {ensemble!r}")
     if steps < 1 or interval < 1:
@@ -85,14 +90,25 @@ def run_md(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"MD {ensemble.upper()} {temperature:g} K", unit="step", file=sys.stderr)
+    flagger = getattr(calculator, "flagger", None)
+    flagged_before = flagger.flagged if flagger is not None else 0
+
     def record_and_tick() -> None:
         record()
         if bar is not None and dyn.nsteps > 0:
             bar.update(1)
+        if flagger is not None:  # ASE computes step n + 1's forces inside dyn.step(), after this observer
+            flagger.step = dyn.nsteps + 1
 
     dyn.attach(record_and_tick, interval=1)
     started = time.perf_counter()
-    dyn.run(steps)
+    if flagger is not None:
+        flagger.step = 0  # the first calculation is of the starting configuration
+    try:
+        dyn.run(steps)
+    finally:
+        if flagger is not None:
+            flagger.step = None
     seconds = time.perf_counter() - started
     if bar is not None:
         bar.close()
@@ -100,4 +116,5 @@ def run_md(
     t_ps = np.arange(len(e)) * timestep_fs / 1000.0
     drift = float(np.polyfit(t_ps, e, 1)[0]) if len(e) > 2 else 0.0
     return MDSummary(steps, seconds, 1000 * seconds / steps, float(np.mean(temps)), drift,
-                     float(np.max(np.abs(e - e[0]))), frames)
+                     float(np.max(np.abs(e - e[0]))), frames,
+                     flagger.flagged - flagged_before if flagger is not None else 0)

@@ -6,13 +6,17 @@
   dynamics are no longer trustworthy;
 - ``perturb`` — random rattles of the positions and (for periodic cells) random strains;
 - ``normal_modes`` — normal-mode sampling for molecules: Boltzmann-distributed displacements
-  along the modes of a finite-difference Hessian of the calculator.
+  along the modes of a finite-difference Hessian of the calculator;
+- ``candidates_file`` — no simulation: the configurations that production runs flagged as
+  uncertain (``atomforge md --flag-uncertain``, see ``atomforge.flagging``), read back from
+  their candidates files, so a campaign labels them.
 
 Explorers return unlabelled copies with ``info['explorer']`` (and what made them) set.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +24,8 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
 from atomforge import ConfigError, ExplorerSpec, hookimpl
-from atomforge.exploration import uncertainty_of
+from atomforge.exploration import structure_hash, uncertainty_of
+from atomforge.flagging import read_candidates
 
 
 class _StopTrajectory(Exception):
@@ -194,8 +199,43 @@ class NormalModeExplorer:
         return out
 
 
+class CandidatesFileExplorer:
+    """The configurations in one or more candidates files (written by a flagging calculator),
+    each once: duplicates, by the label journal's key (:func:`structure_hash`), are dropped.
+
+    Files are read again at every ``explore`` call, so a campaign sees what running production
+    jobs flagged since. ``starts``, the calculator and ``hi`` are not used.
+    """
+
+    def __init__(self, *, path: str | None = None, paths: Sequence[str] | None = None) -> None:
+        files = [path] if path is not None else []
+        files += [paths] if isinstance(paths, str) else list(paths or [])
+        if not files:
+            raise ConfigError("candidates_file explorer: give `path` (or `paths`, a list): the candidates "
+                              "file(s) of `atomforge md --flag-uncertain LEVEL --candidates FILE`")
+        self.paths = [Path(p).expanduser() for p in files]  # resolved by the campaign config
+        for file in self.paths:  # fail before the first training, not after it
+            if not file.is_file():
+                read_candidates(file)  # raises a ConfigError naming the file and what to do
+
+    def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,
+                seed: int) -> list[Atoms]:
+        out, seen = [], set()
+        for file in self.paths:
+            for atoms in read_candidates(file):
+                key = structure_hash(atoms)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(_snapshot(atoms, explorer="candidates_file", candidates_file=str(file),
+                                         step=int(atoms.info.get("step", -1)),
+                                         flagged_std=float(atoms.info.get("forces_std_max", np.nan))))
+        return out
+
+
 @hookimpl
 def register_explorers(register) -> None:  # noqa: ANN001
     register(ExplorerSpec("md", MDExplorer, "Langevin NVT / Berendsen NPT MD, stopped at the upper trust level"))
     register(ExplorerSpec("perturb", PerturbExplorer, "random rattles and strains"))
     register(ExplorerSpec("normal_modes", NormalModeExplorer, "normal-mode sampling of molecules (FD Hessian)"))
+    register(ExplorerSpec("candidates_file", CandidatesFileExplorer,
+                          "configurations flagged as uncertain in production (candidates files)"))
