@@ -22,17 +22,42 @@ def _train(parser: argparse.ArgumentParser) -> Runner:
                         help="override a config value, e.g. --set training.lr=0.002 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train with N processes on this machine (starts torchrun; needs "
+                             "training.engine: deepspeed). Several nodes: see docs/distributed.md")
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
+        from . import distributed
         from .config import load_config
         from .workflow import train
 
-        outcome = train(load_config(args.config, args.overrides), registry, resume=args.resume,
-                        verbose=not args.quiet)
-        print(json.dumps({"model": str(outcome.model_path), **outcome.test_metrics}, indent=2))
+        config = load_config(args.config, args.overrides)
+        if args.nproc > 1 and not distributed.is_launched():
+            argv = ["train", str(args.config), *(f"--set={o}" for o in args.overrides)]
+            argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
+            return _launch(args.nproc, argv)
+        outcome = train(config, registry, resume=args.resume, verbose=not args.quiet)
+        if distributed.is_main():
+            print(json.dumps({"model": str(outcome.model_path), **outcome.test_metrics}, indent=2))
         return 0
 
     return run
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under ``torchrun`` with ``nproc`` processes on this machine."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "atomforge", *argv]
+    print("launching: " + " ".join(command), file=sys.stderr)
+    return subprocess.call(command, env=env)
 
 
 def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:

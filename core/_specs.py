@@ -113,10 +113,15 @@ class TrackerSpec(_Spec):
 class EngineSpec(_Spec):
     """A training engine.
 
-    ``factory(*, model, loss, optimizer, scheduler, settings, callbacks, checkpoint_path) -> Engine``
-    (see :class:`atomforge.training.Engine` and :class:`atomforge.training.TrainSettings`).
+    ``factory(*, model, loss, optimizer, scheduler, settings, callbacks, checkpoint_path[, options])
+    -> Engine`` (see :class:`atomforge.training.Engine` and :class:`atomforge.training.TrainSettings`).
+    An engine whose config block is a top-level section named like the engine (``deepspeed:``)
+    gets it as ``options``; ``check_options(options)``, if given, validates that block before any
+    data is read. ``distributed`` engines may run under a launcher with several processes.
     """
 
+    check_options: Callable[[Any], Any] | None = None
+    distributed: bool = False
     kind: PluginKind = PluginKind.ENGINE
 
 

@@ -138,6 +138,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     uq: UQConfig | None = None  # optional uncertainty head (docs/uq.md)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # physics metrics
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # options of training.engine: deepspeed
     base_dir: Path = Path(".")  # folder of the config file; data sources resolve paths against it
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def _loss(value: Any) -> tuple[LossTermConfig, ...]:
     return tuple(terms)
 
 
-_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation")
+_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation", "deepspeed")
 
 
 def _uq(value: Any) -> UQConfig | None:
@@ -355,6 +356,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
         uq=_uq(raw.get("uq")),
         evaluation=_evaluation(raw.get("evaluation")),
+        deepspeed=_mapping(raw.get("deepspeed"), "deepspeed"),
         base_dir=base_dir,
     )
 

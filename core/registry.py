@@ -50,6 +50,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge.plugins.selectors",
     "atomforge.plugins.trackers",
     "atomforge.plugins.engines",
+    "atomforge.plugins.deepspeed_engine",
     "atomforge.plugins.uq",
     "atomforge.active_learning.commands",
 )

@@ -63,5 +63,6 @@ class TrackerCallback:
             "lr": record.lr,
             "elapsed_s": record.elapsed,
             **{f"valid_{k}": v for k, v in record.valid_metrics.items()},
+            **{f"train_{k}": v for k, v in getattr(record, "train_metrics", {}).items()},
         }
         self.tracker.log_metrics(metrics, step=record.epoch)

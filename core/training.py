@@ -65,6 +65,7 @@ class EpochRecord:
     valid_metrics: dict[str, float]
     elapsed: float
     steps: int
+    train_metrics: dict[str, float] = field(default_factory=dict)  # engine extras, e.g. load_imbalance
 
 
 @dataclass
@@ -229,6 +230,7 @@ class TorchEngine:
         self.bad_epochs = 0
         self.history: list[EpochRecord] = []
         self.extra_state: dict[str, Any] = {}  # callbacks may keep resumable state here
+        self.epoch_train_metrics: dict[str, float] = {}  # engine extras of the last epoch
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -371,7 +373,8 @@ class TorchEngine:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self._step_scheduler(valid_loss)
             self._update_best(valid_loss)
-            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps)
+            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps,
+                                 dict(self.epoch_train_metrics))
             self.history.append(record)
             for callback in self.callbacks:
                 if hasattr(callback, "on_epoch_end"):

@@ -18,6 +18,7 @@ import torch
 import yaml
 from ase import Atoms
 
+from . import distributed as dist
 from . import keys as K
 from ._errors import ConfigError, DataValidationError
 from ._specs import PluginKind
@@ -37,6 +38,7 @@ __all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker",
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINTS = (CHECKPOINT_FILE, "deepspeed_checkpoint")  # single-process file, DeepSpeed folder
 TRACKING_FILE = "tracking.json"
 
 
@@ -83,10 +85,23 @@ def make_tracker(registry: Registry, config: RunConfig) -> Tracker:
                           f"{sorted(config.tracking.options)}: {error}") from error
 
 
+def engine_options(config: RunConfig) -> dict[str, Any] | None:
+    """The config block of the configured engine (top-level section named like it), if any."""
+    block = getattr(config, config.training.engine, None)
+    return dict(block) if isinstance(block, dict) else None
+
+
 def check_names(registry: Registry, config: RunConfig) -> None:
     """Fail early (before anything is written) on any registry name the config uses."""
     registry.get(PluginKind.BACKBONE, config.model.backbone)
-    registry.get(PluginKind.ENGINE, config.training.engine)
+    engine = registry.get(PluginKind.ENGINE, config.training.engine)
+    if dist.is_launched() and not getattr(engine, "distributed", False):
+        raise ConfigError(
+            f"this job runs {dist.world_size()} processes but training.engine {config.training.engine!r} is "
+            "single-process; set training.engine: deepspeed (and a deepspeed: block), or run one process"
+        )
+    if getattr(engine, "check_options", None) is not None:
+        engine.check_options(engine_options(config) or {})
     registry.get(PluginKind.TRACKER, config.tracking.name)
     if config.uq is not None:
         registry.get(PluginKind.UQ_HEAD, config.uq.name)
@@ -191,7 +206,7 @@ class ProgressBar:
 
 def _run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = config.output
-    if (run_dir / CHECKPOINT_FILE).exists() and not resume:
+    if any((run_dir / name).exists() for name in CHECKPOINTS) and not resume:
         raise ConfigError(
             f"{run_dir} already holds a training checkpoint; pass --resume to continue it, or "
             "choose another output directory (nothing was overwritten)"
@@ -210,31 +225,64 @@ def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: b
         tracker.log_dict(config.to_dict(), "config.yaml")
 
 
+def _on_main(action: Any) -> Any:
+    """Run ``action()`` on rank 0 only; its result, or its error, reaches every rank (so that a
+    bad config fails all processes instead of leaving the others waiting)."""
+    result, error = None, None
+    if dist.is_main():
+        try:
+            result = action()
+        except ConfigError as caught:
+            error = caught
+    result, message = dist.broadcast_object((result, str(error) if error else None))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(message)
+    return result
+
+
+def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = _run_dir(config, resume)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
+
+
 def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbose: bool = True) -> TrainOutcome:
-    """Train a model as configured; returns where the model and metrics are."""
+    """Train a model as configured; returns where the model and metrics are.
+
+    Under a distributed launcher every rank calls this; only rank 0 writes the run folder,
+    tracks and evaluates, and only its outcome carries metrics."""
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
     check_names(registry, config)
-    run_dir = _run_dir(config, resume)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    dist.init_from_env()
+    main = dist.is_main()
+    verbose = verbose and main
+    run_dir = _on_main(lambda: _prepare_run_dir(config, resume)) or config.output
     loss = build_loss(registry, config)
     sets = _datasets(config, registry, loss.requires)
     torch.manual_seed(config.training.seed)
     spec = model_spec(config, registry, sets["train"])
     model = wrap_for_training(build_potential(spec, registry), config.uq, registry, loss.outputs)
-    tracker = make_tracker(registry, config)
-    _start_tracker(tracker, config, run_dir, resume)
+    tracker = make_tracker(registry, config) if main else registry.get(PluginKind.TRACKER, "none").factory(
+        run_dir=config.output, experiment=config.tracking.experiment)
+    if main:
+        _start_tracker(tracker, config, run_dir, resume)
     try:
         engine = _make_engine(config, registry, model, loss, tracker, verbose)
         result = engine.fit(sets["train"], sets["valid"], resume=resume)
-        final = engine.export_model()
+        final = engine.export_model()  # collective for sharded engines
         if config.uq is not None:  # extra members, latent density, calibration (docs/uq.md)
             trainer = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume)
             final, spec["uq"] = fit_uq_head(final, config.uq, registry, UQFitContext(
                 sets["train"], sets["valid"], trainer, config.training.valid_batch_size))
+        if not main:
+            return TrainOutcome(run_dir, run_dir / MODEL_FILE, {}, result.stopped_because, result.epochs)
         model_path = save_model(final, run_dir / MODEL_FILE, config=spec, metadata={
             "epochs": result.epochs, "best_epoch": result.best_epoch,
-            "best_valid_loss": result.best_valid_loss, "stopped_because": result.stopped_because})
+            "best_valid_loss": result.best_valid_loss, "stopped_because": result.stopped_because,
+            "engine": config.training.engine, "processes": dist.world_size()})
         metrics = _final_evaluation(final, sets, tracker, run_dir)
         if config.uq is not None:
             metrics.update(uq_report(final, sets, tracker, run_dir))
@@ -264,13 +312,15 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
     s = t.scheduler
     scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
                                patience=s.patience, min_lr=s.min_lr, gamma=s.gamma, max_time=t.max_time)
-    callbacks: list[Any] = [TrackerCallback(tracker)]
+    callbacks: list[Any] = [TrackerCallback(tracker)] if dist.is_main() else []
     if verbose:
         callbacks.append(ProgressBar(t.max_epochs))
     spec = registry.get(PluginKind.ENGINE, t.engine)
+    options = engine_options(config)
+    extra = {} if options is None else {"options": options}
     return spec.factory(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler,
                         settings=settings, callbacks=callbacks,
-                        checkpoint_path=config.output / CHECKPOINT_FILE)
+                        checkpoint_path=config.output / CHECKPOINT_FILE, **extra)
 
 
 def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any], loss: CompositeLoss,
@@ -282,7 +332,8 @@ def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any],
         seed = config.training.seed + 1000 * index
         member = dataclasses.replace(config, output=config.output / f"member{index}",
                                      training=dataclasses.replace(config.training, seed=seed))
-        member.output.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            member.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         child = tracker.child(f"member{index}")
         engine = _make_engine(member, registry, build_potential(spec, registry), loss, child, verbose)
