@@ -98,9 +98,12 @@ def parse_options(options: Mapping[str, Any] | None) -> DeepSpeedOptions:
     return out
 
 
-def deepspeed_config(options: DeepSpeedOptions, settings: TrainSettings, world_size: int) -> dict[str, Any]:
+def deepspeed_config(options: DeepSpeedOptions, settings: TrainSettings, world_size: int,
+                     num_parameters: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``options``: ``training.batch_size`` is the global batch
-    (structures per optimiser step, as in single-process training)."""
+    (structures per optimiser step, as in single-process training). The gradient-reduction
+    bucket is sized to the model (DeepSpeed's default, 5e8 elements, is a 2 GB buffer per rank
+    for ZeRO-3 — far more than an interatomic potential needs)."""
     accum = options.gradient_accumulation_steps
     if settings.batch_size % (world_size * accum):
         raise ConfigError(
@@ -108,6 +111,8 @@ def deepspeed_config(options: DeepSpeedOptions, settings: TrainSettings, world_s
             f"processes × deepspeed.gradient_accumulation_steps = {world_size} × {accum}"
         )
     zero: dict[str, Any] = {"stage": options.zero_stage}
+    if num_parameters is not None:
+        zero["reduce_bucket_size"] = int(min(5e8, max(1e6, num_parameters // 10)))
     if options.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": options.offload_optimizer}
     if options.offload_param != "none":
@@ -236,7 +241,8 @@ class DeepSpeedEngine(TorchEngine):
         deepspeed = _import_deepspeed()
         _init_distributed(deepspeed, self.options.backend)
         self.world_size, self.rank = dist.world_size(), dist.rank()
-        self.ds_config = deepspeed_config(self.options, settings, self.world_size)
+        self.ds_config = deepspeed_config(self.options, settings, self.world_size,
+                                          sum(p.numel() for p in model.parameters()))
         device = _device()
         # an empty twin of the module to load gathered weights into at export (no memory)
         self._template = copy.deepcopy(model).to("meta")

@@ -3,6 +3,7 @@ CPU (gloo) compared with single-process training; kill + resume; the exported mo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -30,7 +31,8 @@ from atomforge.workflow import check_names, train
 
 from conftest import cu_structures, tiny_config
 
-pytest.importorskip("deepspeed")
+# deepspeed is in the test extra: these tests must run, never skip silently
+assert importlib.util.find_spec("deepspeed") is not None, "pip install -e '.[test]' installs deepspeed"
 
 
 # -- options, config, sharding (no processes) ------------------------------------------------------
