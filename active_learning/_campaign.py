@@ -27,6 +27,7 @@ from atomforge.workflow import train
 
 from ._config import CampaignConfig
 from ._labelling import OracleCall, label_all, make_executor
+from ._trainjob import run_training_job
 from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
 
 __all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features"]
@@ -134,8 +135,8 @@ class Campaign:
                                 "valid_fraction": self.config.valid_fraction}
         if self.config.test is not None:
             data["test"] = {"source": self.config.test.source, **self.config.test.options}
-        raw = {**self.config.train, "data": data, "output": str(self.iter_dir(iteration) / "train"),
-               "tracking": "none"}
+        user = {k: v for k, v in self.config.train.items() if k != "processes"}
+        raw = {**user, "data": data, "output": str(self.iter_dir(iteration) / "train"), "tracking": "none"}
         raw["training"] = {"seed": self.config.seed, **dict(self.config.train.get("training") or {})}
         return raw
 
@@ -145,11 +146,35 @@ class Campaign:
         metrics_file = run_dir / "metrics.json"
         if not metrics_file.exists():
             raw = self.train_config(iteration)
-            (self.iter_dir(iteration) / "train.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-            self.log(f"iteration {iteration}: training on {self._n_training()} structures")
-            train(config_from_dict(raw, self.dir), self.registry,
-                  resume=(run_dir / "checkpoint.pt").exists(), verbose=self.verbose)
+            config_file = self.iter_dir(iteration) / "train.yaml"
+            config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+            resume = (run_dir / "checkpoint.pt").exists() or (run_dir / "deepspeed_checkpoint").exists()
+            if (raw.get("training") or {}).get("engine") == "deepspeed":  # a supervised distributed job
+                processes = int(self.config.train.get("processes", 1))
+                self.log(f"iteration {iteration}: training on {self._n_training()} structures, "
+                         f"{processes} DeepSpeed process(es); log: {self.iter_dir(iteration) / 'train.log'}")
+                run_training_job(config_file, self.iter_dir(iteration), processes=processes, resume=resume,
+                                 cwd=self.dir)
+            else:
+                self.log(f"iteration {iteration}: training on {self._n_training()} structures")
+                train(config_from_dict(raw, self.dir), self.registry, resume=resume, verbose=self.verbose)
         return read_json(metrics_file, {})
+
+    def timed(self, phase: str) -> Any:
+        """Context manager adding the block's wall time to ``state['phase_times'][iteration][phase]``."""
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def block() -> Any:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                times = self.state.setdefault("phase_times", {}).setdefault(str(self.state["iteration"]), {})
+                times[phase] = times.get(phase, 0.0) + time.perf_counter() - started
+
+        return block()
 
     def _n_training(self) -> int:
         return len(read(self.dir / "initial.extxyz", index=":")) + len(self.journal.with_status("ok"))

@@ -74,7 +74,7 @@ class CampaignConfig:
 
 _TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
         "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed")
-_TRAIN_KEYS = ("model", "uq", "loss", "training")
+_TRAIN_KEYS = ("model", "uq", "loss", "training", "deepspeed", "processes")
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -138,6 +138,13 @@ def _train(value: Any) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(_TRAIN_KEYS)} "
                           "(data and output are set by the campaign)")
+    processes = train.get("processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ConfigError(f"train.processes: expected an integer ≥ 1 (processes of each training job), got {processes!r}")
+    engine = (train.get("training") or {}).get("engine", "torch")
+    if processes > 1 and engine != "deepspeed":
+        raise ConfigError(f"train.processes={processes} needs train.training.engine: deepspeed "
+                          f"(the {engine!r} engine runs one process)")
     return train
 
 

@@ -72,6 +72,7 @@ def _history_entry(campaign: Campaign, i: int) -> dict[str, Any]:
         **{f"std_{name}": float(f(stds)) for name, f in (("mean", np.mean), ("median", np.median), ("max", np.max))
            if stds.size},
         **campaign.state.get("metrics", {}),
+        **{f"time_{phase}_s": seconds for phase, seconds in campaign.state.get("phase_times", {}).get(str(i), {}).items()},
     }
     return entry
 
@@ -168,6 +169,9 @@ def _track_iteration(campaign: Campaign, tracker: Tracker, i: int) -> None:
     if selection:
         child.log_artifact(uncertainty_histogram(selection.get("stds", []), entry["lo"], entry["hi"],
                                                  folder / "uncertainty.png"), "plots")
+    for name in ("train.log", "train/metrics.json"):  # the training job's (rank-0) output
+        if (folder / name).exists():
+            child.log_artifact(folder / name, "training")
     child.end("FINISHED")
     tracker.log_metrics({"labels": entry["labels"], **{k: v for k, v in entry.items() if k.endswith("_mae")}}, step=i)
     campaign.state["child_runs"][str(i)] = child.run_id
@@ -188,7 +192,8 @@ def _finish(campaign: Campaign, tracker: Tracker, reason: str) -> None:
 def _phase_train(campaign: Campaign, tracker: Tracker) -> None:
     campaign.state["train_labels"] = len(campaign.journal.with_status("ok"))
     campaign.state["train_data_hash"] = campaign.data_hash()
-    metrics = campaign.train_model(campaign.state["iteration"])
+    with campaign.timed("train"):
+        metrics = campaign.train_model(campaign.state["iteration"])
     campaign.state["metrics"] = metrics
     reason = _stop_after_training(campaign, metrics)
     if reason:
@@ -197,12 +202,14 @@ def _phase_train(campaign: Campaign, tracker: Tracker) -> None:
 
 
 def _phase_explore(campaign: Campaign, tracker: Tracker) -> None:
-    campaign.explore(campaign.state["iteration"])
+    with campaign.timed("explore"):
+        campaign.explore(campaign.state["iteration"])
     campaign.state["phase"] = "select"
 
 
 def _phase_select(campaign: Campaign, tracker: Tracker) -> None:
-    record = campaign.select(campaign.state["iteration"])
+    with campaign.timed("select"):
+        record = campaign.select(campaign.state["iteration"])
     campaign.log(f"iteration {campaign.state['iteration']}: explored {record['n_explored']}, "
                  f"classes {record['counts']}, selected {len(record['keys'])}")
     reason = _stop_after_selection(campaign, record)
@@ -212,7 +219,8 @@ def _phase_select(campaign: Campaign, tracker: Tracker) -> None:
 
 
 def _phase_label(campaign: Campaign, tracker: Tracker) -> None:
-    campaign.label(campaign.state["iteration"])
+    with campaign.timed("label"):
+        campaign.label(campaign.state["iteration"])
     campaign.state["phase"] = "track"
 
 

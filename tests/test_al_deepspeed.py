@@ -1,0 +1,117 @@
+"""Campaigns that retrain each iteration as a 2-process DeepSpeed (ZeRO-2, gloo) job on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import read, write
+
+from atomforge import AtomforgeError, load_calculator
+from atomforge.active_learning import campaign_from_dict, run_campaign
+
+from conftest import cu_structures
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("al_ds")
+    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
+    write(paths["initial"], cu_structures(10, seed=1))
+    write(paths["test"], cu_structures(4, seed=2))
+    return paths
+
+
+def raw_campaign(files: dict[str, Path], output: Path, **extra: object) -> dict:
+    raw = {
+        "initial_data": str(files["initial"]), "test": str(files["test"]),
+        "oracle": {"name": "emt", "timeout": 30},
+        "train": {"model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 8, "num_layers": 1, "num_rbf": 6},
+                  "uq": {"name": "deep_ensemble", "num_members": 2},
+                  "training": {"engine": "deepspeed", "max_epochs": 3, "batch_size": 4, "lr": 0.005},
+                  "deepspeed": {"zero_stage": 2}, "processes": 2},
+        "explorers": [{"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
+        "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
+        "budget": {"per_iteration": 3, "total": 6}, "stop": {"max_iterations": 1},
+        "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none", "output": str(output),
+    }
+    raw.update(extra)
+    return raw
+
+
+def _keys(directory: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]
+
+
+def test_processes_need_the_deepspeed_engine(files, tmp_path) -> None:
+    raw = raw_campaign(files, tmp_path / "c")
+    raw["train"]["training"]["engine"] = "torch"
+    with pytest.raises(AtomforgeError, match="processes=2 needs train.training.engine: deepspeed"):
+        campaign_from_dict(raw)
+
+
+def test_campaign_retrains_with_a_two_process_zero2_job(files, tmp_path, registry) -> None:
+    raw = raw_campaign(files, tmp_path / "c", tracking={"name": "mlflow", "experiment": "al-ds"})
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    assert result.stopped_because.startswith("max_iterations") and result.labels == 3
+    for i in (0, 1):
+        folder = result.directory / "iterations" / f"{i:03d}"
+        assert "nproc_per_node=2" in (folder / "train.log").read_text()
+        assert (folder / "train" / "deepspeed_checkpoint" / "latest").exists()
+        assert (folder / "train" / "member1" / "deepspeed_checkpoint" / "latest").exists()  # member in the job
+        assert not (folder / "train.job.json").exists()
+    atoms = read(files["test"], 0)
+    atoms.calc = load_calculator(result.final_model)
+    atoms.get_potential_energy()
+    assert atoms.calc.results["forces_std"].shape == (len(atoms),)
+    state = json.loads((result.directory / "state.json").read_text())
+    first = state["history"][0]
+    assert first["time_train_s"] > 0 and first["time_label_s"] > 0 and "test_forces_mae" in first
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{result.directory / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("al-ds").experiment_id])
+    child = next(r for r in runs if r.info.run_name == "iteration-000")
+    assert {"test_forces_mae", "best_valid_forces_mae", "time_train_s"} <= set(child.data.metrics)
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "training")} >= {
+        "training/train.log", "training/metrics.json"}
+
+
+def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_path) -> None:
+    raw = raw_campaign(files, tmp_path / "c")
+    raw["train"]["training"]["max_epochs"] = 150  # long enough to be killed mid-training
+    raw["train"]["uq"] = {"name": "latent_distance"}
+    campaign_file = tmp_path / "campaign.yaml"
+    campaign_file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    run = [sys.executable, "-m", "atomforge", "al", "run", str(campaign_file)]
+    campaign = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "c" / "iterations" / "001"
+    job_file, latest = folder / "train.job.json", folder / "train" / "deepspeed_checkpoint" / "latest"
+    deadline = time.time() + 400
+    while not (job_file.exists() and latest.exists()):  # iteration 1's job has checkpointed an epoch
+        assert campaign.poll() is None, campaign.communicate()[1][-3000:]
+        assert time.time() < deadline, "iteration 1 never started training"
+        time.sleep(0.05)
+    labels_before = _keys(tmp_path / "c")
+    os.killpg(json.loads(job_file.read_text())["pgid"], signal.SIGKILL)
+    _, stderr = campaign.communicate(timeout=120)
+    assert campaign.returncode != 0
+    assert "training job of 001 failed" in stderr and "train.log" in stderr and "al run" in stderr
+    assert json.loads((tmp_path / "c" / "state.json").read_text())["phase"] == "train"
+
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = _keys(tmp_path / "c")
+    assert keys == labels_before and len(keys) == len(set(keys)) == 3  # nothing lost, nothing relabelled
+    log = (folder / "train.log").read_text()
+    assert log.count("$ ") == 2 and "--resume" in log.split("$ ")[-1].splitlines()[0]
+    assert (folder / "train" / "model.pt").exists()
