@@ -115,3 +115,16 @@ def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_pat
     log = (folder / "train.log").read_text()
     assert log.count("$ ") == 2 and "--resume" in log.split("$ ")[-1].splitlines()[0]
     assert (folder / "train" / "model.pt").exists()
+
+
+def test_the_example_campaigns_are_valid_and_differ_only_in_the_engine() -> None:
+    from atomforge.active_learning import load_campaign
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "al-cu-deepspeed"
+    ds, plain = load_campaign(folder / "campaign-deepspeed.yaml"), load_campaign(folder / "campaign-plain.yaml")
+    assert ds.train["training"]["engine"] == "deepspeed" and ds.train["processes"] == 2
+    assert ds.train["deepspeed"] == {"zero_stage": 2} and ds.train["uq"]["name"] == "deep_ensemble"
+    assert plain.train["training"]["engine"] == "torch" and "deepspeed" not in plain.train
+    same = {k: v for k, v in ds.train["training"].items() if k != "engine"}
+    assert same == {k: v for k, v in plain.train["training"].items() if k != "engine"}
+    assert (ds.explorers, ds.selector, ds.budget, ds.stop) == (plain.explorers, plain.selector, plain.budget, plain.stop)
