@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -30,9 +31,29 @@ def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str,
     return parser, runners
 
 
+def _strip_launcher_rank(argv: list[str]) -> list[str]:
+    """The ``deepspeed`` launcher inserts ``--local_rank=N`` before the command; the rank is also
+    in the ``LOCAL_RANK`` environment variable, which is what atomforge reads."""
+    out: list[str] = []
+    skip = False
+    for k, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank") and k + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[k + 1])
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     global_options = argv[: next((k for k, a in enumerate(argv) if not a.startswith("-")), len(argv))]
     try:
         registry = make_registry(strict="--strict-plugins" in global_options)

@@ -166,10 +166,12 @@ def single_run(ds_setup: dict) -> list[dict]:
     return histories[0]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_zero_matches_single_process_and_exports_a_plain_model(ds_setup, single_run, stage):
+@pytest.mark.parametrize("stage, accumulation", [(2, 1), (3, 2)])
+def test_two_process_zero_matches_single_process_and_exports_a_plain_model(ds_setup, single_run, stage,
+                                                                           accumulation):
     output = f"zero{stage}"
-    _launch(ds_setup, output, f"--set=deepspeed.zero_stage={stage}")
+    _launch(ds_setup, output, f"--set=deepspeed.zero_stage={stage}",
+            f"--set=deepspeed.gradient_accumulation_steps={accumulation}")
     run_dir = ds_setup["folder"] / output
     history = _history(run_dir)
     assert len(history) == len(single_run) == EPOCHS
@@ -225,3 +227,12 @@ def test_killed_zero2_run_resumes_to_the_uninterrupted_result(ds_setup, single_r
     a = torch.load(reference / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(ds_setup["folder"] / "killed" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
+    from atomforge.cli import _strip_launcher_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _strip_launcher_rank(["--local_rank=1", "train", "c.yaml"]) == ["train", "c.yaml"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert _strip_launcher_rank(["train", "--local-rank", "0", "c.yaml"]) == ["train", "c.yaml"]
