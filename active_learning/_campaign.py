@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from atomforge import LabelResult, PluginKind, Registry, config_from_dict, load_calculator
-from atomforge.exploration import Candidate, uncertainty_of
+from atomforge.exploration import Candidate, uncertainty_of, unphysical_reason
 from atomforge.workflow import train
 
 from ._config import CampaignConfig
@@ -224,15 +224,26 @@ class Campaign:
         self._store_candidates(iteration, frames, calc, calibration)
 
     def _store_candidates(self, iteration: int, frames: list[Atoms], calc: Any, calibration: float | None) -> None:
-        rows, features = [], []
+        rows, features, rejected = [], [], []
+        folder = self.iter_dir(iteration)
         for frame in frames:
+            reason = unphysical_reason(frame, self.config.min_distance_ratio)
+            if reason is not None:  # exploded MD frames: kept for inspection, never labelled
+                frame.info.update({"rejected": reason, "al_key": structure_hash(frame)})
+                rejected.append(frame)
+                continue
             sigma, energy_std = score(frame, calc)
             frame.info.update({"max_force_std": np.nan if sigma is None else sigma,
                                "energy_std": np.nan if energy_std is None else energy_std,
                                "al_key": structure_hash(frame)})
             features.append(latent_features(frame, calc))
             rows.append(frame)
-        folder = self.iter_dir(iteration)
+        if rejected:
+            self.log(f"iteration {iteration}: {len(rejected)} unphysical configuration(s) dropped "
+                     f"(e.g. {rejected[0].info['rejected']}); see rejected.extxyz")
+        tmp = folder / ".rejected.extxyz.tmp"
+        write(tmp, rejected, format="extxyz")
+        tmp.replace(folder / "rejected.extxyz")
         np.save(folder / "features.npy", np.array(features))
         tmp = folder / ".candidates.extxyz.tmp"
         write(tmp, rows, format="extxyz")

@@ -69,11 +69,12 @@ class CampaignConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     tracking: dict[str, Any] = field(default_factory=lambda: {"name": "mlflow"})  # tracker name + options
     seed: int = 0  # seeds exploration, selection and training
+    min_distance_ratio: float | None = 0.5  # drop explored frames with atoms closer than this × covalent radii sum
     base_dir: Path = Path(".")  # folder of the campaign file
 
 
 _TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
-        "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed")
+        "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed", "min_distance_ratio")
 _TRAIN_KEYS = ("model", "uq", "loss", "training", "deepspeed", "processes")
 
 
@@ -148,6 +149,14 @@ def _train(value: Any) -> dict[str, Any]:
     return train
 
 
+def _ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2:
+        raise ConfigError(f"min_distance_ratio: expected a number in [0, 2) or null, got {value!r}")
+    return float(value)
+
+
 def _check(config: CampaignConfig) -> CampaignConfig:
     if not config.explorers:
         raise ConfigError("explorers: give at least one, e.g. [{name: md, temperatures: [300]}]")
@@ -187,6 +196,7 @@ def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> Ca
         executor=_typed(ExecutorConfig, raw.get("executor"), "executor"),
         tracking={"name": tracking} if isinstance(tracking, str) else _mapping(tracking, "tracking"),
         seed=int(raw.get("seed", 0)),
+        min_distance_ratio=_ratio(raw.get("min_distance_ratio", 0.5)),
         base_dir=base_dir,
     ))
 

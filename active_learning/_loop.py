@@ -67,6 +67,7 @@ def _history_entry(campaign: Campaign, i: int) -> dict[str, Any]:
         "labels": len(campaign.journal.with_status("ok")), "label_failures": len(campaign.journal.with_status("failed")),
         "selected": len(selection.get("keys", [])), "explored": selection.get("n_explored", 0),
         **{f"explored_{k}": v for k, v in selection.get("counts", {}).items()},
+        "explored_unphysical": _count_frames(folder / "rejected.extxyz"),
         "lo": selection.get("lo"), "hi": selection.get("hi"), "calibration": selection.get("calibration"),
         "data_hash": campaign.state.get("train_data_hash", ""),
         **{f"std_{name}": float(f(stds)) for name, f in (("mean", np.mean), ("median", np.median), ("max", np.max))
@@ -75,6 +76,15 @@ def _history_entry(campaign: Campaign, i: int) -> dict[str, Any]:
         **{f"time_{phase}_s": seconds for phase, seconds in campaign.state.get("phase_times", {}).get(str(i), {}).items()},
     }
     return entry
+
+
+def _count_frames(path: Path) -> int:
+    """Frames in an extxyz file (0 if absent or empty), by counting its header lines cheaply."""
+    if not path.exists() or not path.stat().st_size:
+        return 0
+    from ase.io import read
+
+    return len(read(path, index=":"))
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-__all__ = ["Candidate", "Selection", "Explorer", "Selector", "uncertainty_of", "structure_hash", "TRUST_CLASSES"]
+__all__ = ["Candidate", "Selection", "Explorer", "Selector", "uncertainty_of", "structure_hash", "TRUST_CLASSES",
+           "min_distance_ratio", "unphysical_reason"]
 
 #: DP-GEN's classes of a candidate by its max force std σ: accurate (σ < lo), candidate
 #: (lo ≤ σ < hi, worth labelling) and failed (σ ≥ hi, too far off to learn from).
@@ -99,3 +100,32 @@ def structure_hash(atoms: Atoms, decimals: int = 5) -> str:
         digest.update(rounded.tobytes())
     digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
     return digest.hexdigest()[:16]
+
+
+def min_distance_ratio(atoms: Atoms) -> float:
+    """The smallest interatomic distance divided by the sum of the two atoms' covalent radii
+    (ASE's table), over periodic images; ``inf`` for fewer than two atoms. A healthy structure is
+    near 1 or above; an exploded MD frame (atoms run into each other) far below."""
+    from ase.data import covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return float("inf")
+    radii = covalent_radii[atoms.numbers]
+    i, j, d = neighbor_list("ijd", atoms, float(2.0 * radii.max()), self_interaction=False)
+    if len(d) == 0:
+        return float("inf")
+    return float(np.min(d / (radii[i] + radii[j])))
+
+
+def unphysical_reason(atoms: Atoms, min_ratio: float | None) -> str | None:
+    """Why ``atoms`` is not worth labelling (two atoms closer than ``min_ratio`` × the sum of
+    their covalent radii, or non-finite positions); ``None`` if it passes or the check is off."""
+    if not np.isfinite(atoms.positions).all():
+        return "non-finite positions"
+    if min_ratio is None:
+        return None
+    ratio = min_distance_ratio(atoms)
+    if ratio < min_ratio:
+        return f"atoms overlap: closest pair at {ratio:.2f} × the sum of covalent radii (< {min_ratio:g})"
+    return None

@@ -128,9 +128,9 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     """Raise :class:`OracleTimeout` in the block after ``seconds`` of wall-clock time.
 
     Uses ``SIGALRM``, so it works in the main thread of a process (the local process pool's
-    workers and serial labelling). In other threads (thread pools, dask workers) it is a no-op:
-    use a process-based executor when calculations can hang. Native code that never returns to
-    the interpreter is interrupted only when it does.
+    workers and serial labelling); native code that never returns to the interpreter is
+    interrupted only when it does. In other threads (thread pools, dask workers) it is a no-op;
+    :func:`label_safely` then enforces the limit by :func:`_abandon_after` instead.
     """
     if not seconds or not _in_main_thread() or not hasattr(signal, "setitimer"):
         yield
@@ -148,9 +148,36 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _abandon_after(seconds: float, call: Callable[[], Atoms]) -> Atoms:
+    """Run ``call`` in a daemon thread and wait at most ``seconds``: the way to time out a label
+    off the main thread (thread pools, dask workers), where no signal can interrupt it. A call
+    that overruns raises :class:`OracleTimeout`; it is abandoned — it keeps its thread until it
+    returns, its result is discarded — so the worker is free for the next label."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = error
+
+    worker = threading.Thread(target=target, name="atomforge-oracle-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise OracleTimeout(f"no result within {seconds:g} s (the calculation was abandoned in a background "
+                            "thread; use executor kind 'process' to have hung calculations killed)")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _one_attempt(oracle: Oracle, atoms: Atoms, timeout: float | None) -> Atoms:
-    with time_limit(timeout):
-        labelled = oracle.label(atoms)
+    if timeout and not _in_main_thread():
+        labelled = _abandon_after(timeout, lambda: oracle.label(atoms))
+    else:
+        with time_limit(timeout):
+            labelled = oracle.label(atoms)
     check_labels_finite(labelled)
     return labelled
 

@@ -84,3 +84,23 @@ def test_normal_modes_reject_periodic_structures(registry) -> None:
 
     with pytest.raises(ConfigError, match="molecules"):
         registry.get("explorers", "normal_modes").factory().explore([_cu()], EMT(), hi=None, seed=0)
+
+
+def test_exploded_frames_are_recognised_through_periodic_images() -> None:
+    from ase.build import bulk, molecule
+
+    from atomforge.exploration import min_distance_ratio, unphysical_reason
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    assert 0.9 < min_distance_ratio(cell) < 1.0  # 2.55 Å / (2 × 1.32 Å)
+    assert min_distance_ratio(bulk("Cu", "fcc", a=3.61)) == pytest.approx(min_distance_ratio(cell))  # 1 atom: images
+    assert unphysical_reason(molecule("CH3CH2OH"), 0.5) is None
+    crushed = cell.copy()
+    crushed.positions[1] = crushed.positions[0] + [0.5, 0.0, 0.0]
+    assert "atoms overlap" in unphysical_reason(crushed, 0.5)
+    across = cell.copy()  # the clash is with a periodic image of atom 0
+    across.positions[1] = across.positions[0] + across.cell[0] - [0.4, 0.0, 0.0]
+    assert "atoms overlap" in unphysical_reason(across, 0.5)
+    assert unphysical_reason(crushed, None) is None
+    crushed.positions[2] = float("nan")
+    assert unphysical_reason(crushed, None) == "non-finite positions"

@@ -88,6 +88,21 @@ def test_a_hung_calculation_times_out_and_is_not_retried(registry) -> None:
     assert time.perf_counter() - started < 2.0
 
 
+def test_a_hung_calculation_also_times_out_in_a_thread_pool(registry) -> None:
+    """Off the main thread (thread pools, dask workers) no signal can interrupt the call: the
+    attempt is abandoned instead, and the worker is free again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(label_safely, _oracle(registry, mode), _cu(), timeout=0.3, retries=2)
+                   for mode in ("sleep", "ok")]
+        hung, fine = (f.result(timeout=10) for f in futures)
+    assert not hung.ok and hung.error.startswith("OracleTimeout") and "abandoned" in hung.error
+    assert hung.attempts == 1 and fine.ok
+    assert time.perf_counter() - started < 3.0
+
+
 def test_a_transient_failure_is_retried() -> None:
     flaky = Flaky(failures=1)
     result = label_safely(flaky, _cu(), retries=1)
