@@ -33,6 +33,7 @@ EDGE_VECTORS: Final = "edge_vectors"  # [E, 3] float, Å
 EDGE_LENGTHS: Final = "edge_lengths"  # [E] float, Å
 NODE_ENERGY: Final = "node_energy"  # [N] float, eV, per-atom energy contributions
 NODE_FEATURES: Final = "node_features"  # [N, F] float, latent per-atom features (for UQ heads)
+NODE_VECTORS: Final = "node_vectors"  # [N, 3, F] float, optional equivariant per-atom vector features
 DIRECT_FORCES: Final = "direct_forces"  # [N, 3] float, eV/Å, from a direct force head
 VIRIAL: Final = "virial"  # [B, 3, 3] float, eV
 # -- uncertainty (outputs of a UQ head, see docs/uq.md; calibrated when the model file holds a

@@ -36,7 +36,8 @@ class Backbone(nn.Module):
 
     ``forward(batch)`` receives a batch with :data:`keys.EDGE_VECTORS`, :data:`keys.EDGE_LENGTHS`
     and :data:`keys.ELEMENT_INDEX` added and returns a dict with :data:`keys.NODE_ENERGY` ([N],
-    normalised units), optionally :data:`keys.NODE_FEATURES` ([N, F]) and, when
+    normalised units), optionally :data:`keys.NODE_FEATURES` ([N, F]), :data:`keys.NODE_VECTORS`
+    ([N, 3, F], equivariant) and, when
     ``direct_forces`` is true, :data:`keys.DIRECT_FORCES` ([N, 3], normalised units).
     """
 
@@ -123,8 +124,9 @@ class Potential(nn.Module):
         node_energy = self._node_energy(out[K.NODE_ENERGY], inputs[K.ELEMENT_INDEX])
         energy = scatter_sum(node_energy, batch[K.BATCH], int(batch[K.N_ATOMS].shape[0]))
         results = {K.ENERGY: energy, K.NODE_ENERGY: node_energy}
-        if K.NODE_FEATURES in out:
-            results[K.NODE_FEATURES] = out[K.NODE_FEATURES]
+        for key in (K.NODE_FEATURES, K.NODE_VECTORS):  # latent features, for UQ heads
+            if key in out:
+                results[key] = out[key]
         if self.backbone.direct_forces and K.DIRECT_FORCES in out:
             results[K.DIRECT_FORCES] = out[K.DIRECT_FORCES] * self.scale.to(out[K.DIRECT_FORCES].dtype)
         return results

@@ -469,9 +469,11 @@ def wrap_for_training(potential: Potential, uq: Any, registry: Any, loss_outputs
         return potential
     missing = [key for key in head.needs_loss_outputs if key not in loss_outputs]
     if missing:
+        hints = {K.ENERGY_STD: "- {name: energy_nll, weight: 0.01, detach_mean: true}",
+                 K.FORCES_STD: "- {name: forces_nll, weight: 0.01}"}
         raise ConfigError(
-            f"uq head {uq.name!r} learns its spread only from a loss term on {missing}; add one to "
-            "`loss`, e.g. `- {name: energy_nll, weight: 1.0}` (see docs/uq.md)"
+            f"uq head {uq.name!r} learns its spread only from a loss term on {missing}; add "
+            + " and ".join(f"`{hints.get(k, k)}`" for k in missing) + " to `loss` (see docs/uq.md)"
         )
     return head
 

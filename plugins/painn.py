@@ -122,7 +122,10 @@ class PaiNN(Backbone):
         v: torch.Tensor | None = None
         for layer, filters in zip(self.layers, all_filters):
             s, v = layer(s, v, filters, directions, centre, neighbour)
-        return {K.NODE_ENERGY: self.readout(s).squeeze(-1), K.NODE_FEATURES: s}
+        out = {K.NODE_ENERGY: self.readout(s).squeeze(-1), K.NODE_FEATURES: s}
+        if v is not None:
+            out[K.NODE_VECTORS] = v
+        return out
 
 
 @hookimpl

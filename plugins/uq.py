@@ -132,8 +132,9 @@ class DeepEnsemble(UQHead):
 
 
 # -- shallow ensemble ------------------------------------------------------------------------------------
-def _feature_width(potential: Potential) -> int:
-    """F of the backbone's NODE_FEATURES, found by running it on a dimer of its first element."""
+def _feature_width(potential: Potential, key: str = K.NODE_FEATURES) -> int:
+    """F of the backbone's NODE_FEATURES (or ``key``, e.g. NODE_VECTORS [N, 3, F]), found by
+    running it on a dimer of its first element."""
     from ase import Atoms
 
     z = potential.elements[0]
@@ -141,17 +142,17 @@ def _feature_width(potential: Potential) -> int:
     batch = collate([atoms_to_graph(dimer, potential.cutoff, dtype=_dtype(potential))])
     with torch.no_grad():
         out = potential.energy_outputs(batch, batch[K.POSITIONS], None)
-    if K.NODE_FEATURES not in out:
-        raise ConfigError("shallow_ensemble and latent_distance need a backbone that returns "
-                          "keys.NODE_FEATURES (per-atom latent features); this one does not")
-    return int(out[K.NODE_FEATURES].shape[-1])
+    if key not in out:
+        raise ConfigError(f"this UQ head needs a backbone that returns keys.{key.upper()} "
+                          "(per-atom latent features); this one does not")
+    return int(out[key].shape[-1])
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
-FORCE_SPREADS = ("gradient", "local")
+FORCE_SPREADS = ("gradient", "local", "vector")
 
 
 class ShallowEnsemble(UQHead):
@@ -166,7 +167,7 @@ class ShallowEnsemble(UQHead):
     """
 
     trains_with_model = True
-    needs_loss_outputs = (K.ENERGY_STD,)
+    needs_loss_outputs: tuple[str, ...] = (K.ENERGY_STD,)
 
     def __init__(self, potential: Potential, *, num_heads: int = 8, force_spread: str = "gradient",
                  seed: int = 0) -> None:
@@ -178,7 +179,22 @@ class ShallowEnsemble(UQHead):
         state = torch.get_rng_state()
         torch.manual_seed(seed)
         self.heads = nn.Linear(_feature_width(potential), self.num_heads).to(_dtype(potential))
+        if force_spread == "vector":  # K equivariant force heads on the backbone's vector features
+            self.vector_heads = nn.Linear(_feature_width(potential, K.NODE_VECTORS), self.num_heads,
+                                          bias=False).to(_dtype(potential))
+            self.needs_loss_outputs = (K.ENERGY_STD, K.FORCES_STD)
         torch.set_rng_state(state)
+
+    def _vector_spread(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-atom force std [N] of the vector heads (RMS over components of the heads' spread),
+        on detached features: the heads learn the spread (``forces_nll``) without moving the
+        model. Rotation invariant: the spread is summed over the 3 components."""
+        if K.NODE_VECTORS not in out:
+            raise ConfigError("shallow_ensemble force_spread: vector needs a backbone that returns "
+                              "keys.NODE_VECTORS (equivariant vector features, e.g. painn)")
+        heads = self.vector_heads(out[K.NODE_VECTORS].detach())  # [N, 3, K]
+        heads = heads * self.potential.scale.to(heads.dtype)
+        return heads.var(-1, unbiased=False).mean(-1).clamp_min(0).sqrt()
 
     def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
         gradient = compute_forces and not self.potential.backbone.direct_forces
@@ -198,7 +214,9 @@ class ShallowEnsemble(UQHead):
         else:
             results = member_statistics({K.ENERGY: energies, K.NODE_ENERGY: node.T})
             results.update(energy_derivatives(results[K.ENERGY], batch, wrt, strain, create_graph=self.training))
-            if not self.training and gradient:
+            if self.force_spread == "vector" and compute_forces:
+                results[K.FORCES_STD] = self._vector_spread(out)
+            elif not self.training and gradient:
                 results[K.FORCES_STD] = offsets.std(-1, unbiased=False)
         if compute_forces and K.DIRECT_FORCES in out:
             results[K.FORCES] = out[K.DIRECT_FORCES]
@@ -359,6 +377,30 @@ class EnergyNLL:
         return (w * 0.5 * (torch.log(var) + error2 / var)).sum() / w.sum()
 
 
+class ForcesNLL:
+    """Gaussian NLL of the forces under the model's forces and per-atom ``forces_std`` (the
+    shallow ensemble's ``vector`` heads): ``½ Σ_c [(F_c − F_ref,c)² / σ² + log σ²]`` per atom,
+    averaged over atoms and components, weighted per structure. ``detach_mean`` (default) trains
+    only the spread; ``eps`` (eV/Å)² keeps the variance away from zero."""
+
+    requires = (K.FORCES,)
+    outputs = (K.FORCES, K.FORCES_STD)
+
+    def __init__(self, *, eps: float = 1e-6, detach_mean: bool = True) -> None:
+        self.eps = float(eps)
+        self.detach_mean = bool(detach_mean)
+
+    def __call__(self, batch, outputs, model) -> torch.Tensor:  # noqa: ANN001
+        if K.FORCES_STD not in outputs:
+            raise ConfigError("loss forces_nll needs a model with a force spread while training "
+                              "(uq: {name: shallow_ensemble, force_spread: vector}); this model gives no forces_std")
+        var = outputs[K.FORCES_STD].pow(2) + self.eps  # [N]
+        mean = outputs[K.FORCES].detach() if self.detach_mean else outputs[K.FORCES]
+        error2 = (mean - batch[K.FORCES]).pow(2).sum(-1)  # [N]
+        w = batch[K.WEIGHT][batch[K.BATCH]]
+        return (w * 0.5 * (3.0 * torch.log(var) + error2 / var)).sum() / (3.0 * w.sum())
+
+
 @hookimpl
 def register_uq_heads(register) -> None:  # noqa: ANN001
     register(UQHeadSpec("deep_ensemble", DeepEnsemble,
@@ -373,3 +415,4 @@ def register_uq_heads(register) -> None:  # noqa: ANN001
 @hookimpl
 def register_losses(register) -> None:  # noqa: ANN001
     register(LossSpec("energy_nll", EnergyNLL, "Gaussian NLL of energy per atom with the UQ head's std; eps, detach_mean"))
+    register(LossSpec("forces_nll", ForcesNLL, "Gaussian NLL of forces with the per-atom forces_std (shallow_ensemble vector heads); eps, detach_mean"))

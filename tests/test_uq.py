@@ -258,3 +258,41 @@ def test_other_heads_train_calibrate_and_round_trip(cu_files, tmp_path, registry
     if uq["name"] == "latent_distance":  # deterministic: identical after reloading
         torch.testing.assert_close(a[K.FORCES_STD], b[K.FORCES_STD], rtol=0, atol=0)
     assert float(a[K.FORCES_STD].detach().min()) > 0
+
+
+def test_forces_nll_loss_matches_hand_computation(registry) -> None:
+    term = registry.get("losses", "forces_nll").factory(eps=0.0)
+    batch = {K.FORCES: torch.zeros(3, 3), K.BATCH: torch.tensor([0, 0, 1]), K.WEIGHT: torch.tensor([1.0, 2.0])}
+    outputs = {K.FORCES: torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.3]]),
+               K.FORCES_STD: torch.tensor([0.1, 0.1, 0.3])}
+    per = [0.5 * (3 * np.log(s**2) + e**2 / s**2) for e, s in ((0.1, 0.1), (0.2, 0.1), (0.3, 0.3))]
+    assert float(term(batch, outputs, None)) == pytest.approx((per[0] + per[1] + 2 * per[2]) / (3 * 4), rel=1e-6)
+    with pytest.raises(ConfigError, match="force_spread: vector"):
+        term(batch, {K.FORCES: outputs[K.FORCES]}, None)
+
+
+def test_shallow_ensemble_vector_heads_learn_a_force_spread(cu_files, tmp_path, registry) -> None:
+    """Equivariant force heads on PaiNN's vector features: a per-atom spread without any extra
+    backward pass, trained by forces_nll, rotation invariant, leaving the model's forces alone."""
+    uq = {"name": "shallow_ensemble", "num_heads": 4, "force_spread": "vector"}
+    missing = config_from_dict({**tiny_config(cu_files, tmp_path / "a", max_epochs=1), "uq": uq,
+                                "loss": [{"name": "energy_nll", "weight": 1.0}, {"name": "forces", "weight": 10.0}]})
+    with pytest.raises(ConfigError, match="forces_nll"):
+        train(missing, registry, verbose=False)
+    cfg = {**tiny_config(cu_files, tmp_path / "run", max_epochs=3), "uq": uq,
+           "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0},
+                    {"name": "energy_nll", "weight": 0.01, "detach_mean": True},
+                    {"name": "forces_nll", "weight": 0.01}]}
+    outcome = train(config_from_dict(cfg), registry, verbose=False)
+    model = load_model(outcome.model_path)
+    atoms = cu_structures(1, seed=9)[0]
+    out = model(_batch([atoms], dtype=torch.float32))
+    assert out[K.FORCES_STD].shape == (8,) and float(out[K.FORCES_STD].min()) > 0
+    rotated = atoms.copy()
+    rotated.rotate(40, (1, 2, 3), rotate_cell=True)
+    out_rot = model(_batch([rotated], dtype=torch.float32))
+    torch.testing.assert_close(out_rot[K.FORCES_STD], out[K.FORCES_STD], rtol=1e-4, atol=1e-6)
+    calc = load_calculator(outcome.model_path)
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.results["forces_std_max"] == pytest.approx(float(out[K.FORCES_STD].max()), rel=1e-5)

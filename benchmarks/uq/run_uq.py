@@ -14,7 +14,9 @@ train/validation frames of the 600 K trajectory, the independent 600 K ``test`` 
 Heads, each trained through ``atomforge.workflow.train`` (the CLI's code path) with the same
 PaiNN, one thread, ``--budget-seconds`` of wall clock per trained model: ``deep_ensemble``
 (5 members → 5 budgets), ``shallow_ensemble`` (8 heads; energy MSE + forces MSE + 0.01 ×
-``energy_nll`` with ``detach_mean``), ``mc_dropout`` (p 0.1 on the readout, 8 samples). The
+``energy_nll`` with ``detach_mean``), ``mc_dropout`` (p 0.1 on the readout, 8 samples),
+``shallow_vector`` (the shallow ensemble with ``force_spread: vector``: 8 equivariant force heads
+on PaiNN's vector features, + 0.01 × ``forces_nll``). The
 ``latent_distance`` head (k-NN, k = 5) is fitted on the deep ensemble's member 0 (no training).
 Every head is calibrated (variance scale) on the validation set.
 
@@ -108,6 +110,10 @@ HEADS = {
     "shallow_ensemble": ({"name": "shallow_ensemble", "num_heads": 8},
                          BASE_LOSS + [{"name": "energy_nll", "weight": 0.01, "detach_mean": True}]),
     "mc_dropout": ({"name": "mc_dropout", "p": 0.1, "samples": 8}, BASE_LOSS),
+    # 8 equivariant force heads on PaiNN's vector features, spread trained by forces_nll (no extra backward)
+    "shallow_vector": ({"name": "shallow_ensemble", "num_heads": 8, "force_spread": "vector"},
+                       BASE_LOSS + [{"name": "energy_nll", "weight": 0.01, "detach_mean": True},
+                                    {"name": "forces_nll", "weight": 0.01}]),
 }
 
 
@@ -160,6 +166,7 @@ def variants(models: dict) -> dict[str, torch.nn.Module]:
     local.force_spread = "local"
     return {"single": deep.potential, "deep_ensemble": deep, "deep_ensemble_loop": loop,
             "shallow_ensemble": models["shallow_ensemble"], "shallow_ensemble_local": local,
+            "shallow_ensemble_vector": models["shallow_vector"],
             "mc_dropout": models["mc_dropout"], "latent_distance": models["latent_distance"]}
 
 
