@@ -35,9 +35,12 @@ def heads(system: str) -> dict[str, torch.nn.Module]:
     deep = loaded["deep_ensemble"]
     vectorised, loop, local = copy.deepcopy(deep), copy.deepcopy(deep), copy.deepcopy(loaded["shallow_ensemble"])
     vectorised.vectorize, loop.vectorize, local.force_spread = True, False, "local"
-    return {"single": deep.potential, "deep_ensemble (vmap)": vectorised, "deep_ensemble (loop)": loop,
-            "shallow_ensemble (gradient)": loaded["shallow_ensemble"], "shallow_ensemble (local)": local,
-            "mc_dropout": loaded["mc_dropout"]}
+    out = {"single": deep.potential, "deep_ensemble (vmap)": vectorised, "deep_ensemble (loop)": loop,
+           "shallow_ensemble (gradient)": loaded["shallow_ensemble"], "shallow_ensemble (local)": local,
+           "mc_dropout": loaded["mc_dropout"]}
+    if (runs / "shallow_vector" / "model.pt").exists():  # force_spread: vector (added in session 2)
+        out["shallow_ensemble (vector)"] = atomforge.load_model(runs / "shallow_vector" / "model.pt")
+    return out
 
 
 def table(models: dict[str, torch.nn.Module], atoms, calls: int) -> dict[str, float]:
