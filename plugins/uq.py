@@ -331,10 +331,12 @@ class LatentDistance(UQHead):
         if self.mean.numel() == 0:
             raise ConfigError("latent_distance is not fitted: train with uq: {name: latent_distance}")
         x = (features.detach().to(self.mean.dtype) - self.mean) / self.std
-        if self.method == "knn":
-            distances = torch.cdist(x, self.reference)
-            k = min(self.neighbors, self.reference.shape[0])
-            return distances.topk(k, largest=False).values.mean(-1)
+        if self.method == "knn":  # |x|² + |r|² − 2 x·r: one matmul (torch.cdist is ~5× slower here)
+            reference = self.reference
+            squared = torch.addmm((reference * reference).sum(-1), x, reference.T, alpha=-2.0)
+            squared = squared + (x * x).sum(-1, keepdim=True)
+            k = min(self.neighbors, reference.shape[0])
+            return squared.topk(k, largest=False).values.clamp_min(0).sqrt().mean(-1)
         diff2 = (x.unsqueeze(1) - self.means).pow(2) * self.precisions  # [N, C, F]
         log_det = torch.log(self.precisions).sum(-1)
         log_prob = 0.5 * (log_det - diff2.sum(-1) - x.shape[-1] * np.log(2 * np.pi)) + torch.log(self.weights)
