@@ -104,17 +104,26 @@ CU_SYSTEM = {"oracle": {"name": "emt", "timeout": 60, "retries": 0}, "cutoff": 4
              "md": {"temperatures": [300, 900, 1500], "steps": 100, "timestep_fs": 2.0}}
 
 
+UQ_CHOICES = {  # the UQ head of every arm, and the loss terms it needs
+    "latent_distance": ({"name": "latent_distance"}, []),
+    "shallow_vector": ({"name": "shallow_ensemble", "num_heads": 8, "force_spread": "vector"},
+                       [{"name": "energy_nll", "weight": 0.01, "detach_mean": True}, {"name": "forces_nll", "weight": 0.01}]),
+    "deep_ensemble": ({"name": "deep_ensemble", "num_members": 3}, []),
+}
+
+
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str, seed: int = 0, system: dict = CU_SYSTEM) -> dict:
+             epochs: int, max_time: str, seed: int = 0, system: dict = CU_SYSTEM, uq: str = "latent_distance") -> dict:
     """One arm's campaign config; arms differ only in ``selector`` (and ``seed``)."""
+    head, extra_loss = UQ_CHOICES[uq]
     return {
         "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
         "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": seed,
         "oracle": dict(system["oracle"]),
         "train": {"model": {"backbone": "painn", "cutoff": system["cutoff"], "hidden_channels": 32, "num_layers": 2,
                             "num_rbf": 16},
-                  "uq": {"name": "latent_distance"},
-                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}],
+                  "uq": dict(head),
+                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}, *extra_loss],
                   "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
         "explorers": [{"name": "md", "interval": 10, **system["md"]}],
         "selector": selector,
@@ -203,6 +212,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
     parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of every arm")
     args = parser.parse_args()
     results = RESULTS / args.tag if args.tag else RESULTS
     results.mkdir(parents=True, exist_ok=True)
@@ -211,7 +221,8 @@ def main() -> None:
         paths = make_data(RESULTS / "data")
         selectors = arms(args.hi)
         procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
-                                                 args.per_iteration, args.epochs, args.max_time, args.seed))
+                                                 args.per_iteration, args.epochs, args.max_time, args.seed,
+                                                 uq=args.uq))
                  for name in args.arms]
         for proc in procs:
             proc.wait()
