@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from ase import Atoms
 from ase.io import read, write
 
+from atomforge.data import complete_extxyz_length
 from atomforge.exploration import structure_hash  # the key, shared with explorers (re-exported here)
 
 __all__ = ["structure_hash", "JournalEntry", "LabelJournal", "LabelledSet", "write_json_atomic", "read_json"]
@@ -112,17 +113,7 @@ class LabelledSet:
         """Drop a last frame cut short by a kill (its label was never journalled)."""
         if not self.path.exists():
             return
-        lines = self.path.read_bytes().splitlines(keepends=True)
-        good, at = 0, 0
-        while at < len(lines):
-            try:
-                n_atoms = int(lines[at].strip())
-            except ValueError:
-                break
-            end = at + 2 + n_atoms
-            if end > len(lines) or not lines[end - 1].endswith(b"\n"):
-                break
-            good, at = sum(len(line) for line in lines[:end]), end
+        good = complete_extxyz_length(self.path.read_bytes())
         if good != self.path.stat().st_size:
             with open(self.path, "r+b") as handle:
                 handle.truncate(good)

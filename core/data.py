@@ -28,6 +28,7 @@ __all__ = [
     "validate_dataset",
     "check_geometry",
     "MIN_DISTANCE",
+    "complete_extxyz_length",
 ]
 
 MIN_DISTANCE = 0.1  # Å; two atoms closer than this are an input error, not physics
@@ -207,3 +208,20 @@ def validate_dataset(
         validate_structure(a, require=require, index=i, source=source)
         for i, a in enumerate(structures)
     ]
+
+
+def complete_extxyz_length(data: bytes) -> int:
+    """Bytes of extxyz ``data`` up to the end of its last complete frame (a file being appended
+    to, or cut short by a kill, may end in a partial frame)."""
+    lines = data.splitlines(keepends=True)
+    good, at = 0, 0
+    while at < len(lines):
+        try:
+            n_atoms = int(lines[at].strip())
+        except ValueError:
+            break
+        end = at + 2 + n_atoms
+        if end > len(lines) or not lines[end - 1].endswith(b"\n"):
+            break
+        good, at = good + sum(len(line) for line in lines[at:end]), end
+    return good

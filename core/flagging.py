@@ -27,6 +27,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from ._errors import ConfigError
+from .data import complete_extxyz_length
 from .exploration import uncertainty_of
 
 __all__ = ["UncertaintyFlagger", "UncertainConfigurationWarning", "read_candidates"]
@@ -105,22 +106,6 @@ def _frame(atoms: Atoms, results: Mapping[str, Any], *, step: int, sigma: float,
     return frame
 
 
-def _complete_length(data: bytes) -> int:
-    """Bytes of ``data`` (extxyz) up to the end of its last complete frame."""
-    lines = data.splitlines(keepends=True)
-    good, at = 0, 0
-    while at < len(lines):
-        try:
-            n_atoms = int(lines[at].strip())
-        except ValueError:
-            break
-        end = at + 2 + n_atoms
-        if end > len(lines) or not lines[end - 1].endswith(b"\n"):
-            break
-        good, at = good + sum(len(line) for line in lines[at:end]), end
-    return good
-
-
 def read_candidates(path: str | Path) -> list[Atoms]:
     """The flagged configurations in a candidates file, in order.
 
@@ -134,7 +119,7 @@ def read_candidates(path: str | Path) -> list[Atoms]:
         raise ConfigError(f"candidates file {path} does not exist; {how}, and only once a configuration is "
                           "flagged. Check the path, or lower the trust level if nothing was flagged.")
     data = path.read_bytes()
-    text = data[: _complete_length(data)].decode()
+    text = data[: complete_extxyz_length(data)].decode()
     if not text.strip():
         raise ConfigError(f"candidates file {path} holds no complete extxyz frame; {how}. Remove it from "
                           "the campaign's explorers or point to a file with flagged configurations.")
