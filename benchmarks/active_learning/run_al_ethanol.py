@@ -24,7 +24,7 @@ import numpy as np
 from ase.io import read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_al_cu import HERE, PLOT, arms, run_arm, summarise  # noqa: E402
+from run_al_cu import HERE, PLOT, UQ_CHOICES, arms, run_arm, summarise  # noqa: E402
 from run_al_cu import campaign as cu_campaign  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
@@ -51,10 +51,10 @@ ETHANOL_SYSTEM = {"oracle": {"name": "xtb", "timeout": 120, "retries": 1}, "cuto
 
 
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str) -> dict:
+             epochs: int, max_time: str, seed: int = 0, uq: str = "latent_distance") -> dict:
     """The Cu benchmark's campaign with the ethanol oracle, cutoff and MD settings."""
-    return cu_campaign(paths, output, selector, budget, per_iteration, epochs, max_time, seed=0,
-                       system=ETHANOL_SYSTEM)
+    return cu_campaign(paths, output, selector, budget, per_iteration, epochs, max_time, seed=seed,
+                       system=ETHANOL_SYSTEM, uq=uq)
 
 
 def main() -> None:
@@ -65,16 +65,24 @@ def main() -> None:
     parser.add_argument("--max-time", default="40s")
     parser.add_argument("--hi", type=float, default=6.0, help="upper trust level, × calibration σ")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
+    parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of both arms")
+    parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = RESULTS / args.tag if args.tag else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{args.tag}" if args.tag else ""
     if not args.plot_only:
         paths = make_data(RESULTS / "data")
         selectors = arms(args.hi)
-        procs = [run_arm(RESULTS, name, campaign(paths, RESULTS / name, selectors[name], args.budget, args.per_iteration,
-                                                 args.epochs, args.max_time)) for name in ("uncertainty", "random")]
+        procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
+                                                 args.per_iteration, args.epochs, args.max_time, args.seed, args.uq))
+                 for name in ("uncertainty", "random")]
         for proc in procs:
             proc.wait()
-    print(json.dumps(summarise(RESULTS, ETHANOL_PLOT, ETHANOL_SUMMARY,
+    plot = ETHANOL_PLOT.with_name(f"{ETHANOL_PLOT.stem}{suffix}.png")
+    summary = ETHANOL_SUMMARY.with_name(f"{ETHANOL_SUMMARY.stem}{suffix}.json")
+    print(json.dumps(summarise(results, plot, summary,
                                "GFN2-xTB ethanol: active learning vs random MD frames"), indent=2))
 
 
