@@ -46,6 +46,19 @@ def raw_campaign(files: dict[str, Path], output: Path, **extra: object) -> dict:
     return raw
 
 
+def _processes_running(needle: str) -> list[int]:
+    """PIDs whose command line mentions ``needle`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _keys(directory: Path) -> list[str]:
     return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]
 
@@ -107,6 +120,7 @@ def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_pat
     assert campaign.returncode != 0
     assert "training job of 001 failed" in stderr and "train.log" in stderr and "al run" in stderr
     assert json.loads((tmp_path / "c" / "state.json").read_text())["phase"] == "train"
+    assert not _processes_running(str(folder / "train.yaml"))  # torchrun's orphaned workers were stopped too
 
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
