@@ -79,7 +79,7 @@ def _history_entry(campaign: Campaign, i: int) -> dict[str, Any]:
 
 
 def _count_frames(path: Path) -> int:
-    """Frames in an extxyz file (0 if absent or empty), by counting its header lines cheaply."""
+    """Frames in an extxyz file (0 if absent or empty)."""
     if not path.exists() or not path.stat().st_size:
         return 0
     from ase.io import read

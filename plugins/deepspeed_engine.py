@@ -162,7 +162,8 @@ def shard_batch(indices: Sequence[int], costs: Sequence[float], world_size: int,
     for r in empty:  # more ranks than big structures: take one from the fullest shard
         donor = max(range(world_size), key=lambda q: len(shards[q]))
         shards[r].append(shards[donor].pop())
-    return [sorted(s, key=list(indices).index) for s in shards]
+    position = {index: k for k, index in enumerate(indices)}
+    return [sorted(shard, key=position.__getitem__) for shard in shards]
 
 
 def imbalance(shards: Sequence[Sequence[int]], costs: Sequence[float]) -> float:
@@ -432,10 +433,6 @@ class DeepSpeedEngine(TorchEngine):
         model = copy.deepcopy(self._template)
         model.load_state_dict(state, assign=True)
         return model.eval()
-
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        return self.model
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _common_state(self) -> dict[str, Any]:

@@ -68,3 +68,39 @@ def tiny_config(cu_files: dict[str, Path], output: Path, **training: object) -> 
         "output": str(output),
         "tracking": "none",
     }
+
+
+# -- active-learning campaigns (tests/test_active_learning.py, tests/test_al_deepspeed.py) ---------
+@pytest.fixture(scope="module")
+def al_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """10 initial and 4 test EMT Cu structures for mini campaigns."""
+    folder = tmp_path_factory.mktemp("al")
+    files = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
+    write(files["initial"], cu_structures(10, seed=1))
+    write(files["test"], cu_structures(4, seed=2))
+    return files
+
+
+def campaign_raw(files: dict[str, Path], output: Path, uq: dict | None = None, **extra: object) -> dict:
+    """A mini EMT campaign (plain data, as read from YAML); ``extra`` replaces top-level keys."""
+    uq = uq if uq is not None else {"name": "deep_ensemble", "num_members": 2}
+    raw = {
+        "initial_data": str(files["initial"]), "test": str(files["test"]),
+        "oracle": {"name": "emt", "timeout": 30, "retries": 1},
+        "train": {"model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 8, "num_layers": 1, "num_rbf": 6},
+                  "uq": uq, "training": {"max_epochs": 2, "batch_size": 4, "lr": 0.005}},
+        "explorers": [{"name": "md", "temperatures": [800], "steps": 20, "interval": 5},
+                      {"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
+        "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
+        "budget": {"per_iteration": 3, "total": 6}, "stop": {"max_iterations": 2},
+        "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none", "output": str(output),
+    }
+    raw.update(extra)
+    return raw
+
+
+def journal_keys(directory: Path) -> list[str]:
+    """The label journal's keys, in order."""
+    import json
+
+    return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.io import write
 
 from atomforge import CalculatorOracle, OracleSpec, get_labels, hookimpl, make_plugin_manager, make_registry
 from atomforge.active_learning import (
-    InlineExecutor, JournalEntry, LabelJournal, LabelledSet, OracleCall, campaign_from_dict, campaign_status,
+    JournalEntry, LabelJournal, LabelledSet, OracleCall, campaign_from_dict, campaign_status,
     export_campaign, label_all, make_executor, run_campaign, structure_hash,
 )
-from conftest import cu_structures, emt_label
+from conftest import campaign_raw, cu_structures, emt_label, journal_keys
 
 LOG = Path(os.environ.get("AL_TEST_ORACLE_LOG", "/nonexistent"))
 
@@ -120,41 +119,11 @@ def _register_oracles(register) -> None:
 plugin.register_oracles = _register_oracles
 
 
-@pytest.fixture(scope="module")
-def al_files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("al")
-    files = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
-    write(files["initial"], cu_structures(10, seed=1))
-    write(files["test"], cu_structures(4, seed=2))
-    return files
-
-
-def campaign_raw(files, output, uq=None, **extra) -> dict:
-    uq = uq if uq is not None else {"name": "deep_ensemble", "num_members": 2}
-    raw = {
-        "initial_data": str(files["initial"]), "test": str(files["test"]),
-        "oracle": {"name": "emt", "timeout": 30, "retries": 1},
-        "train": {"model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 8, "num_layers": 1, "num_rbf": 6},
-                  "uq": uq, "training": {"max_epochs": 2, "batch_size": 4, "lr": 0.005}},
-        "explorers": [{"name": "md", "temperatures": [800], "steps": 20, "interval": 5},
-                      {"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
-        "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
-        "budget": {"per_iteration": 3, "total": 6}, "stop": {"max_iterations": 2},
-        "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none", "output": str(output),
-    }
-    raw.update(extra)
-    return raw
-
-
-def _journal_keys(directory: Path) -> list[str]:
-    return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]
-
-
 def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tmp_path, registry) -> None:
     raw = campaign_raw(al_files, tmp_path / "c", tracking={"name": "mlflow", "experiment": "al-test"})
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
     assert result.stopped_because.startswith("max_iterations") and result.labels == 6
-    keys = _journal_keys(result.directory)
+    keys = journal_keys(result.directory)
     assert len(keys) == len(set(keys)) == 6
     for i in range(3):  # every iteration's model is kept
         assert (result.directory / "iterations" / f"{i:03d}" / "train" / "model.pt").exists()
@@ -208,11 +177,11 @@ def test_killed_during_labelling_resumes_without_losing_or_repeating_labels(al_f
                                                          "interrupt_after": 6})
     with pytest.raises(KeyboardInterrupt):  # the 3rd label of iteration 0 is in flight when "killed"
         run_campaign(campaign_from_dict(raw), registry, verbose=False)
-    first = _journal_keys(tmp_path / "c")
+    first = journal_keys(tmp_path / "c")
     assert len(first) == 2 and json.loads((tmp_path / "c" / "state.json").read_text())["phase"] == "label"
     raw["oracle"]["interrupt_after"] = None
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
-    keys = _journal_keys(result.directory)
+    keys = journal_keys(result.directory)
     requested = log.read_text().splitlines()[4:]
     assert keys[:2] == first and len(keys) == len(set(keys)) == 6  # nothing lost, nothing twice
     assert result.labels == len(LabelledSet(result.directory / "labelled.extxyz").keys()) == 6

@@ -12,37 +12,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ase.io import read, write
+from ase.io import read
 
 from atomforge import AtomforgeError, load_calculator
 from atomforge.active_learning import campaign_from_dict, run_campaign
 
-from conftest import cu_structures
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("al_ds")
-    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
-    write(paths["initial"], cu_structures(10, seed=1))
-    write(paths["test"], cu_structures(4, seed=2))
-    return paths
+from conftest import campaign_raw, journal_keys
 
 
 def raw_campaign(files: dict[str, Path], output: Path, **extra: object) -> dict:
-    raw = {
-        "initial_data": str(files["initial"]), "test": str(files["test"]),
-        "oracle": {"name": "emt", "timeout": 30},
-        "train": {"model": {"backbone": "painn", "cutoff": 4.0, "hidden_channels": 8, "num_layers": 1, "num_rbf": 6},
-                  "uq": {"name": "deep_ensemble", "num_members": 2},
-                  "training": {"engine": "deepspeed", "max_epochs": 3, "batch_size": 4, "lr": 0.005},
-                  "deepspeed": {"zero_stage": 2}, "processes": 2},
-        "explorers": [{"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
-        "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
-        "budget": {"per_iteration": 3, "total": 6}, "stop": {"max_iterations": 1},
-        "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none", "output": str(output),
-    }
-    raw.update(extra)
+    """The mini campaign of conftest, retrained by 2-process ZeRO-2 jobs, one explore-label round."""
+    raw = campaign_raw(files, output, explorers=[{"name": "perturb", "n_per_start": 3, "rattle_std": 0.1}],
+                       stop={"max_iterations": 1}, **extra)
+    raw["train"]["training"] = {"engine": "deepspeed", "max_epochs": 3, "batch_size": 4, "lr": 0.005}
+    raw["train"].update(deepspeed={"zero_stage": 2}, processes=2)
     return raw
 
 
@@ -59,19 +42,15 @@ def _processes_running(needle: str) -> list[int]:
     return found
 
 
-def _keys(directory: Path) -> list[str]:
-    return [json.loads(line)["key"] for line in (directory / "journal.jsonl").read_text().splitlines()]
-
-
-def test_processes_need_the_deepspeed_engine(files, tmp_path) -> None:
-    raw = raw_campaign(files, tmp_path / "c")
+def test_processes_need_the_deepspeed_engine(al_files, tmp_path) -> None:
+    raw = raw_campaign(al_files, tmp_path / "c")
     raw["train"]["training"]["engine"] = "torch"
     with pytest.raises(AtomforgeError, match="processes=2 needs train.training.engine: deepspeed"):
         campaign_from_dict(raw)
 
 
-def test_campaign_retrains_with_a_two_process_zero2_job(files, tmp_path, registry) -> None:
-    raw = raw_campaign(files, tmp_path / "c", tracking={"name": "mlflow", "experiment": "al-ds"})
+def test_campaign_retrains_with_a_two_process_zero2_job(al_files, tmp_path, registry) -> None:
+    raw = raw_campaign(al_files, tmp_path / "c", tracking={"name": "mlflow", "experiment": "al-ds"})
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
     assert result.stopped_because.startswith("max_iterations") and result.labels == 3
     for i in (0, 1):
@@ -80,7 +59,7 @@ def test_campaign_retrains_with_a_two_process_zero2_job(files, tmp_path, registr
         assert (folder / "train" / "deepspeed_checkpoint" / "latest").exists()
         assert (folder / "train" / "member1" / "deepspeed_checkpoint" / "latest").exists()  # member in the job
         assert not (folder / "train.job.json").exists()
-    atoms = read(files["test"], 0)
+    atoms = read(al_files["test"], 0)
     atoms.calc = load_calculator(result.final_model)
     atoms.get_potential_energy()
     assert atoms.calc.results["forces_std"].shape == (len(atoms),)
@@ -98,8 +77,8 @@ def test_campaign_retrains_with_a_two_process_zero2_job(files, tmp_path, registr
         "training/train.log", "training/metrics.json"}
 
 
-def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_path) -> None:
-    raw = raw_campaign(files, tmp_path / "c")
+def test_killed_training_job_is_reported_and_the_campaign_resumes(al_files, tmp_path) -> None:
+    raw = raw_campaign(al_files, tmp_path / "c")
     raw["train"]["training"]["max_epochs"] = 150  # long enough to be killed mid-training
     raw["train"]["uq"] = {"name": "latent_distance"}
     campaign_file = tmp_path / "campaign.yaml"
@@ -114,7 +93,7 @@ def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_pat
         assert campaign.poll() is None, campaign.communicate()[1][-3000:]
         assert time.time() < deadline, "iteration 1 never started training"
         time.sleep(0.05)
-    labels_before = _keys(tmp_path / "c")
+    labels_before = journal_keys(tmp_path / "c")
     os.killpg(json.loads(job_file.read_text())["pgid"], signal.SIGKILL)
     _, stderr = campaign.communicate(timeout=120)
     assert campaign.returncode != 0
@@ -124,7 +103,7 @@ def test_killed_training_job_is_reported_and_the_campaign_resumes(files, tmp_pat
 
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    keys = _keys(tmp_path / "c")
+    keys = journal_keys(tmp_path / "c")
     assert keys == labels_before and len(keys) == len(set(keys)) == 3  # nothing lost, nothing relabelled
     log = (folder / "train.log").read_text()
     assert log.count("$ ") == 2 and "--resume" in log.split("$ ")[-1].splitlines()[0]

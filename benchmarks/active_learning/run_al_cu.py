@@ -201,33 +201,47 @@ def summarise(results: Path = RESULTS, plot: Path = PLOT, summary_copy: Path = S
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=150)
-    parser.add_argument("--per-iteration", type=int, default=25)
-    parser.add_argument("--epochs", type=int, default=30)
+def add_arguments(parser: argparse.ArgumentParser, *, budget: int, per_iteration: int, epochs: int,
+                  hi: float) -> None:
+    """The options both benchmarks (Cu, ethanol) share, with each one's defaults."""
+    parser.add_argument("--budget", type=int, default=budget)
+    parser.add_argument("--per-iteration", type=int, default=per_iteration)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--max-time", default="40s")
-    parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
-    parser.add_argument("--hi", type=float, default=20.0, help="upper trust level, × calibration σ")
+    parser.add_argument("--hi", type=float, default=hi, help="upper trust level, × calibration σ")
     parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
+    parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of every arm")
     parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
     parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of every arm")
-    args = parser.parse_args()
-    results = RESULTS / args.tag if args.tag else RESULTS
+
+
+def run_and_summarise(args: argparse.Namespace, names: list[str], root: Path, make_data_files, make_campaign,
+                      plot: Path, summary: Path, title: str | None = None) -> None:  # noqa: ANN001
+    """Run the arms ``names`` side by side in ``root/<tag>/``, wait, then write the summary JSON
+    and learning-curve PNG (their names get ``-<tag>``)."""
+    results = root / args.tag if args.tag else root
     results.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.tag}" if args.tag else ""
     if not args.plot_only:
-        paths = make_data(RESULTS / "data")
+        paths = make_data_files(root / "data")
         selectors = arms(args.hi)
-        procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
-                                                 args.per_iteration, args.epochs, args.max_time, args.seed,
-                                                 uq=args.uq))
-                 for name in args.arms]
+        procs = [run_arm(results, name, make_campaign(paths, results / name, selectors[name], args.budget,
+                                                      args.per_iteration, args.epochs, args.max_time,
+                                                      seed=args.seed, uq=args.uq))
+                 for name in names]
         for proc in procs:
             proc.wait()
-    plot = PLOT.with_name(f"{PLOT.stem}{suffix}.png")
-    print(json.dumps(summarise(results, plot, SUMMARY.with_name(f"{SUMMARY.stem}{suffix}.json")), indent=2))
+    extra = {} if title is None else {"title": title}
+    print(json.dumps(summarise(results, plot.with_name(f"{plot.stem}{suffix}.png"),
+                               summary.with_name(f"{summary.stem}{suffix}.json"), **extra), indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, budget=150, per_iteration=25, epochs=30, hi=20.0)
+    parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
+    args = parser.parse_args()
+    run_and_summarise(args, args.arms, RESULTS, make_data, campaign, PLOT, SUMMARY)
 
 
 if __name__ == "__main__":

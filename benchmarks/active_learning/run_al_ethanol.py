@@ -16,7 +16,6 @@ docs/benchmarks/al-ethanol-learning-curve.png and docs/benchmarks/al-ethanol-202
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from ase.io import read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_al_cu import HERE, PLOT, UQ_CHOICES, arms, run_arm, summarise  # noqa: E402
+from run_al_cu import HERE, PLOT, add_arguments, run_and_summarise  # noqa: E402
 from run_al_cu import campaign as cu_campaign  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
@@ -59,31 +58,10 @@ def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=100)
-    parser.add_argument("--per-iteration", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--max-time", default="40s")
-    parser.add_argument("--hi", type=float, default=6.0, help="upper trust level, × calibration σ")
-    parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
-    parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of both arms")
-    parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
+    add_arguments(parser, budget=100, per_iteration=20, epochs=60, hi=6.0)
     args = parser.parse_args()
-    results = RESULTS / args.tag if args.tag else RESULTS
-    results.mkdir(parents=True, exist_ok=True)
-    suffix = f"-{args.tag}" if args.tag else ""
-    if not args.plot_only:
-        paths = make_data(RESULTS / "data")
-        selectors = arms(args.hi)
-        procs = [run_arm(results, name, campaign(paths, results / name, selectors[name], args.budget,
-                                                 args.per_iteration, args.epochs, args.max_time, args.seed, args.uq))
-                 for name in ("uncertainty", "random")]
-        for proc in procs:
-            proc.wait()
-    plot = ETHANOL_PLOT.with_name(f"{ETHANOL_PLOT.stem}{suffix}.png")
-    summary = ETHANOL_SUMMARY.with_name(f"{ETHANOL_SUMMARY.stem}{suffix}.json")
-    print(json.dumps(summarise(results, plot, summary,
-                               "GFN2-xTB ethanol: active learning vs random MD frames"), indent=2))
+    run_and_summarise(args, ["uncertainty", "random"], RESULTS, make_data, campaign, ETHANOL_PLOT, ETHANOL_SUMMARY,
+                      "GFN2-xTB ethanol: active learning vs random MD frames")
 
 
 if __name__ == "__main__":

@@ -26,42 +26,45 @@ HERE = Path(__file__).resolve().parent
 
 
 # -- data ------------------------------------------------------------------------------------------
-def _cu_cells(n: int, repeat: tuple[int, int, int], seed: int):  # noqa: ANN202
-    import numpy as np
-    from ase.build import bulk
+def _emt_labelled(structures):  # noqa: ANN001, ANN202
+    """Each structure labelled with EMT (energy, forces), as a single-point copy."""
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
-        atoms.positions += rng.normal(0, 0.06, atoms.positions.shape)
+    for atoms in structures:
         atoms.calc = EMT()
         e, f = atoms.get_potential_energy(), atoms.get_forces()
         atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f)
         out.append(atoms)
     return out
+
+
+def _rattled(make, n: int, std: float, seed: int):  # noqa: ANN001, ANN202
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = make()
+        atoms.positions += rng.normal(0, std, atoms.positions.shape)
+        out.append(atoms)
+    return _emt_labelled(out)
+
+
+def _cu_cells(n: int, repeat: tuple[int, int, int], seed: int):  # noqa: ANN202
+    """``n`` rattled fcc Cu cells (``repeat`` of the cubic cell), EMT-labelled."""
+    from ase.build import bulk
+
+    return _rattled(lambda: bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat), n, 0.06, seed)
 
 
 def _molecules(n: int, seed: int):  # noqa: ANN202
-    """9-atom molecules: ethanol from the ethanol benchmark's data if present, else ASE's, rattled
-    and labelled with EMT (labels only matter for the loss's shape here)."""
-    import numpy as np
+    """9-atom ethanol molecules (ASE's geometry), rattled and labelled with EMT (the labels only
+    matter for the loss's shape here)."""
     from ase.build import molecule
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        atoms = molecule("CH3CH2OH")
-        atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
-        atoms.calc = EMT()
-        e, f = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f)
-        out.append(atoms)
-    return out
+    return _rattled(lambda: molecule("CH3CH2OH"), n, 0.03, seed)
 
 
 def _data(kind: str):  # noqa: ANN202
