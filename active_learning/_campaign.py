@@ -10,6 +10,7 @@ by name only.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ._labelling import OracleCall, label_all, make_executor
 from ._trainjob import run_training_job
 from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
 
-__all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features"]
+__all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features", "stable_split"]
 
 STATE_FILE = "state.json"
 TRUST_KEYS = ("lo", "hi", "adaptive")
@@ -127,17 +128,31 @@ class Campaign:
 
     # -- training -----------------------------------------------------------------------------------
     def train_config(self, iteration: int) -> dict[str, Any]:
-        """The `atomforge train` config of an iteration: campaign data + the user's model/training."""
-        paths = [str(self.dir / "initial.extxyz")]
-        if self.labelled.path.exists() and self.labelled.path.stat().st_size:
-            paths.append(str(self.labelled.path))
-        data: dict[str, Any] = {"train": {"source": "ase", "paths": paths},
-                                "valid_fraction": self.config.valid_fraction}
+        """The `atomforge train` config of an iteration: campaign data + the user's model/training.
+
+        The data are written to ``iterations/NNN/data/{train,valid}.extxyz`` with a stable split
+        (:func:`stable_split`: a structure held out once stays held out), so a warm-started model
+        is never validated on structures its predecessor trained on."""
+        folder = self.iter_dir(iteration) / "data"
+        folder.mkdir(exist_ok=True)
+        structures = list(read(self.dir / "initial.extxyz", index=":")) + self.labelled.read()
+        parts = stable_split(len(structures), self.config.valid_fraction)
+        data: dict[str, Any] = {}
+        for name, indices in zip(("train", "valid"), parts):
+            tmp = folder / f".{name}.extxyz.tmp"
+            write(tmp, [structures[i] for i in indices], format="extxyz")
+            tmp.replace(folder / f"{name}.extxyz")
+            data[name] = {"source": "ase", "path": str(folder / f"{name}.extxyz")}
         if self.config.test is not None:
             data["test"] = {"source": self.config.test.source, **self.config.test.options}
-        user = {k: v for k, v in self.config.train.items() if k != "processes"}
+        user = {k: v for k, v in self.config.train.items() if k not in ("processes", "warm_start")}
         raw = {**user, "data": data, "output": str(self.iter_dir(iteration) / "train"), "tracking": "none"}
         raw["training"] = {"seed": self.config.seed, **dict(self.config.train.get("training") or {})}
+        warm = self.config.train.get("warm_start")
+        previous = self.model_path(iteration - 1) if iteration > 0 else None
+        if warm and previous is not None and previous.exists():  # DP-GEN's init-model / training_reuse
+            raw["model"] = {**dict(raw.get("model") or {}), "init_from": str(previous)}
+            raw["training"].update((warm if isinstance(warm, dict) else {}).get("training") or {})
         return raw
 
     def train_model(self, iteration: int) -> dict[str, float]:
@@ -307,6 +322,15 @@ class Campaign:
         call = OracleCall(self.registry.get(PluginKind.ORACLE, o.name).factory, dict(o.options), o.timeout, o.retries)
         self.log(f"iteration {iteration}: labelling {len(pending)} candidates with {o.name!r}")
         label_all(self._executor_for_labels(), call, pending, lambda r: self.record_label(iteration, r))
+
+
+def stable_split(count: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(train, valid) positions of ``count`` structures in campaign order (initial, then labels
+    as appended): position *i* is held out when ``round((i + 1)·f) > round(i·f)`` — round(count·f)
+    of them, spread evenly, and the choice of the first *n* never changes as labels are added."""
+    valid = [i for i in range(count) if math.floor((i + 1) * fraction + 0.5) > math.floor(i * fraction + 0.5)]
+    held = set(valid)
+    return [i for i in range(count) if i not in held], valid
 
 
 def score(atoms: Atoms, calc: Any) -> tuple[float | None, float | None]:

@@ -75,7 +75,7 @@ class CampaignConfig:
 
 _TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
         "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed", "min_distance_ratio")
-_TRAIN_KEYS = ("model", "uq", "loss", "training", "deepspeed", "processes")
+_TRAIN_KEYS = ("model", "uq", "loss", "training", "deepspeed", "processes", "warm_start")
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -142,11 +142,22 @@ def _train(value: Any) -> dict[str, Any]:
     processes = train.get("processes", 1)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"train.processes: expected an integer ≥ 1 (processes of each training job), got {processes!r}")
+    _warm_start(train.get("warm_start", False))
     engine = (train.get("training") or {}).get("engine", "torch")
     if processes > 1 and engine != "deepspeed":
         raise ConfigError(f"train.processes={processes} needs train.training.engine: deepspeed "
                           f"(the {engine!r} engine runs one process)")
     return train
+
+
+def _warm_start(value: Any) -> None:
+    """``train.warm_start``: false, true, or ``{training: {...}}`` — the training settings that
+    replace ``train.training``'s for warm-started iterations (e.g. fewer epochs, a lower lr)."""
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, Mapping) or set(value) - {"training"} or not isinstance(value.get("training", {}), Mapping):
+        raise ConfigError(f"train.warm_start: expected true, false or {{training: {{max_epochs: ..., lr: ...}}}}, "
+                          f"got {value!r}")
 
 
 def _ratio(value: Any) -> float | None:

@@ -58,6 +58,7 @@ class ModelConfig:
     cutoff: float = 5.0  # neighbour cutoff, Å
     dtype: str = "float32"  # float32 | float64
     options: dict[str, Any] = field(default_factory=dict)  # other keys: the backbone's options
+    init_from: str | None = None  # a model file to start from (fine-tune; see core/finetune.py)
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,20 @@ def _evaluation(value: Any) -> EvaluationConfig:
     return config
 
 
+def _model_block(value: Any, base_dir: Path) -> dict[str, Any]:
+    """The ``model`` mapping; with ``init_from`` the architecture keys not given come from that file."""
+    block = _mapping(value, "model")
+    if block.get("init_from") is None:
+        block.pop("init_from", None)
+        return block
+    from .finetune import merge_model_config
+
+    path = Path(_resolve_path(str(block["init_from"]), base_dir))
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: model file {str(path)!r} does not exist")
+    return merge_model_config(block, path)
+
+
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunConfig:
     """Build a :class:`RunConfig` from plain data; relative paths resolve against ``base_dir``."""
     base_dir = Path(base_dir).resolve()
@@ -341,7 +356,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     )
     if not 0.0 < data_config.valid_fraction < 1.0 and data_config.valid is None:
         raise ConfigError(f"data.valid_fraction must be in (0, 1); got {data_config.valid_fraction}")
-    model = _simple(ModelConfig, _mapping(raw.get("model"), "model"), "model", open_options=True)
+    model = _simple(ModelConfig, _model_block(raw.get("model"), base_dir), "model", open_options=True)
     model = dataclasses.replace(model, cutoff=_coerce({"cutoff": model.cutoff}, ModelConfig, "model")["cutoff"])
     if model.dtype not in ("float32", "float64"):
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")

@@ -25,6 +25,7 @@ from ._specs import PluginKind
 from .config import RunConfig, SourceConfig
 from .data import get_labels
 from .evaluate import evaluate, parity_plot
+from .finetune import InitialModel, read_initial_model
 from .graph import GraphDataset
 from .losses import CompositeLoss, WeightedTerm
 from .modelfile import build_potential, save_model
@@ -263,8 +264,14 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     loss = build_loss(registry, config)
     sets = _datasets(config, registry, loss.requires)
     torch.manual_seed(config.training.seed)
-    spec = model_spec(config, registry, sets["train"])
+    initial = _initial_model(config, registry, sets["train"])
+    spec = model_spec(config, registry, sets["train"]) if initial is None else dict(initial.spec)
     model = wrap_for_training(build_potential(spec, registry), config.uq, registry, loss.outputs)
+    if initial is not None and not resume:  # a resumed run's checkpoint holds newer weights
+        fresh = initial.load_into(model)
+        if verbose:
+            print(f"starting from {initial.path}" + (f" (new: {', '.join(fresh)})" if fresh else ""),
+                  file=sys.stderr)
     tracker = make_tracker(registry, config) if main else registry.get(PluginKind.TRACKER, "none").factory(
         run_dir=config.output, experiment=config.tracking.experiment)
     if main:
@@ -274,7 +281,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
         result = engine.fit(sets["train"], sets["valid"], resume=resume)
         final = engine.export_model()  # collective for sharded engines
         if config.uq is not None:  # extra members, latent density, calibration (docs/uq.md)
-            trainer = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume)
+            trainer = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume, initial)
             final, spec["uq"] = fit_uq_head(final, config.uq, registry, UQFitContext(
                 sets["train"], sets["valid"], trainer, config.training.valid_batch_size))
         if not main:
@@ -323,10 +330,21 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
                         checkpoint_path=config.output / CHECKPOINT_FILE, **extra)
 
 
+def _initial_model(config: RunConfig, registry: Registry, train_set: GraphDataset) -> InitialModel | None:
+    """The model file of ``model.init_from``, checked against the training data's elements."""
+    if config.model.init_from is None:
+        return None
+    initial = read_initial_model(config.model.init_from, registry)
+    initial.check_elements(train_set.numbers().tolist())
+    return initial
+
+
 def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any], loss: CompositeLoss,
-                    sets: dict[str, GraphDataset], tracker: Tracker, verbose: bool, resume: bool) -> Any:
+                    sets: dict[str, GraphDataset], tracker: Tracker, verbose: bool, resume: bool,
+                    initial: InitialModel | None = None) -> Any:
     """``train_member(k)``: one more independently seeded training run (deep-ensemble member k),
-    in ``<output>/member<k>/`` with its own checkpoint (resumable) and a nested tracker run."""
+    in ``<output>/member<k>/`` with its own checkpoint (resumable) and a nested tracker run.
+    With ``model.init_from``, member k starts from the file's member k (or its first model)."""
 
     def train_member(index: int) -> Potential:
         seed = config.training.seed + 1000 * index
@@ -336,7 +354,10 @@ def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any],
             member.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         child = tracker.child(f"member{index}")
-        engine = _make_engine(member, registry, build_potential(spec, registry), loss, child, verbose)
+        potential = build_potential(spec, registry)
+        if initial is not None:
+            initial.load_into(potential, index)
+        engine = _make_engine(member, registry, potential, loss, child, verbose)
         engine.fit(sets["train"], sets["valid"], resume=resume)
         child.end("FINISHED")
         return engine.export_model()

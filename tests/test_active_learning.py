@@ -12,10 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from ase.io import read
 
-from atomforge import CalculatorOracle, OracleSpec, get_labels, hookimpl, make_plugin_manager, make_registry
+from atomforge import (
+    CalculatorOracle, ConfigError, OracleSpec, get_labels, hookimpl, make_plugin_manager, make_registry,
+)
 from atomforge.active_learning import (
     JournalEntry, LabelJournal, LabelledSet, OracleCall, campaign_from_dict, campaign_status,
     export_campaign, label_all, make_executor, run_campaign, structure_hash,
@@ -153,6 +157,43 @@ def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry
                        budget={"per_iteration": 2, "total": 2})
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
     assert result.labels == 2 and result.stopped_because.startswith("label budget")
+
+
+def test_the_validation_split_is_stable_as_labels_are_added() -> None:
+    from atomforge.active_learning._campaign import stable_split
+
+    for fraction in (0.1, 0.2, 0.33):
+        previous: set[int] = set()
+        for count in range(1, 200):
+            train, valid = stable_split(count, fraction)
+            assert sorted(train + valid) == list(range(count)) and not set(train) & set(valid)
+            assert len(valid) == int(count * fraction + 0.5)  # round half up
+            assert previous <= set(valid)  # once held out, always held out
+            previous = set(valid)
+
+
+def test_warm_started_iterations_start_from_the_previous_model(al_files, tmp_path, registry) -> None:
+    import yaml
+
+    from atomforge import load_model
+
+    raw = campaign_raw(al_files, tmp_path / "c", uq={"name": "latent_distance"},
+                       selector={"name": "random"}, budget={"per_iteration": 2, "total": 4})
+    raw["train"]["warm_start"] = {"training": {"max_epochs": 0}}  # 0 epochs: exactly the previous weights
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    iterations = result.directory / "iterations"
+    first = yaml.safe_load((iterations / "000" / "train.yaml").read_text())
+    second = yaml.safe_load((iterations / "001" / "train.yaml").read_text())
+    assert "init_from" not in first["model"] and first["training"]["max_epochs"] == 2
+    assert second["model"]["init_from"] == str(iterations / "000" / "train" / "model.pt")
+    assert second["training"]["max_epochs"] == 0
+    before, after = (load_model(iterations / f"{i:03d}" / "train" / "model.pt") for i in (0, 2))
+    for name, value in before.potential.state_dict().items():
+        assert torch.equal(value, after.potential.state_dict()[name]), name
+    valid = [len(read(iterations / f"{i:03d}" / "data" / "valid.extxyz", index=":")) for i in range(3)]
+    assert valid == [2, 2, 3]  # round(0.2 × 10, 12, 14)
+    with pytest.raises(ConfigError, match="train.warm_start"):
+        campaign_from_dict({**raw, "train": {**raw["train"], "warm_start": {"lr": 1}}})
 
 
 def test_failing_labels_are_recorded_and_skipped(al_files, tmp_path) -> None:

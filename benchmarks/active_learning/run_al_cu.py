@@ -113,19 +113,27 @@ UQ_CHOICES = {  # the UQ head of every arm, and the loss terms it needs
 
 
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str, seed: int = 0, system: dict = CU_SYSTEM, uq: str = "latent_distance") -> dict:
-    """One arm's campaign config; arms differ only in ``selector`` (and ``seed``)."""
+             epochs: int, max_time: str, seed: int = 0, system: dict = CU_SYSTEM, uq: str = "latent_distance",
+             warm_lr: float | None = None, starts: int = 4, steps: int | None = None) -> dict:
+    """One arm's campaign config; arms differ only in ``selector`` (and ``seed``).
+
+    ``warm_lr``: warm-start every iteration after the first from the previous model (same
+    epochs, this lr); ``starts``/``steps``: MD starts per iteration and steps per trajectory."""
     head, extra_loss = UQ_CHOICES[uq]
+    train: dict = {
+        "model": {"backbone": "painn", "cutoff": system["cutoff"], "hidden_channels": 32, "num_layers": 2, "num_rbf": 16},
+        "uq": dict(head),
+        "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}, *extra_loss],
+        "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}}
+    if warm_lr is not None:
+        train["warm_start"] = {"training": {**train["training"], "lr": warm_lr}}
+    md = {**system["md"], **({} if steps is None else {"steps": steps})}
     return {
         "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
-        "starts": str(paths["starts"]), "starts_per_iteration": 4, "valid_fraction": 0.1, "seed": seed,
+        "starts": str(paths["starts"]), "starts_per_iteration": starts, "valid_fraction": 0.1, "seed": seed,
         "oracle": dict(system["oracle"]),
-        "train": {"model": {"backbone": "painn", "cutoff": system["cutoff"], "hidden_channels": 32, "num_layers": 2,
-                            "num_rbf": 16},
-                  "uq": dict(head),
-                  "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 10.0}, *extra_loss],
-                  "training": {"max_epochs": epochs, "max_time": max_time, "batch_size": 8, "lr": 0.005}},
-        "explorers": [{"name": "md", "interval": 10, **system["md"]}],
+        "train": train,
+        "explorers": [{"name": "md", "interval": 10, **md}],
         "selector": selector,
         "budget": {"per_iteration": per_iteration, "total": budget},
         "stop": {"max_iterations": 1000},
@@ -211,6 +219,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, budget: int, per_iteration
     parser.add_argument("--hi", type=float, default=hi, help="upper trust level, × calibration σ")
     parser.add_argument("--seed", type=int, default=0, help="campaign seed: training, MD, selection")
     parser.add_argument("--uq", default="latent_distance", choices=list(UQ_CHOICES), help="UQ head of every arm")
+    parser.add_argument("--warm-lr", type=float, default=None,
+                        help="warm-start each iteration from the previous model at this lr (default: from scratch)")
+    parser.add_argument("--starts", type=int, default=4, help="MD starting structures per iteration")
+    parser.add_argument("--steps", type=int, default=None, help="MD steps per trajectory (default: the system's)")
     parser.add_argument("--tag", default="", help="results subfolder (and suffix of the docs outputs)")
     parser.add_argument("--plot-only", action="store_true")
 
@@ -227,7 +239,8 @@ def run_and_summarise(args: argparse.Namespace, names: list[str], root: Path, ma
         selectors = arms(args.hi)
         procs = [run_arm(results, name, make_campaign(paths, results / name, selectors[name], args.budget,
                                                       args.per_iteration, args.epochs, args.max_time,
-                                                      seed=args.seed, uq=args.uq))
+                                                      seed=args.seed, uq=args.uq, warm_lr=args.warm_lr,
+                                                      starts=args.starts, steps=args.steps))
                  for name in names]
         for proc in procs:
             proc.wait()

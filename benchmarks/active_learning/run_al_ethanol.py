@@ -50,10 +50,10 @@ ETHANOL_SYSTEM = {"oracle": {"name": "xtb", "timeout": 120, "retries": 1}, "cuto
 
 
 def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, per_iteration: int,
-             epochs: int, max_time: str, seed: int = 0, uq: str = "latent_distance") -> dict:
+             epochs: int, max_time: str, seed: int = 0, uq: str = "latent_distance", **explore: object) -> dict:
     """The Cu benchmark's campaign with the ethanol oracle, cutoff and MD settings."""
     return cu_campaign(paths, output, selector, budget, per_iteration, epochs, max_time, seed=seed,
-                       system=ETHANOL_SYSTEM, uq=uq)
+                       system=ETHANOL_SYSTEM, uq=uq, **explore)
 
 
 def main() -> None:

@@ -1,0 +1,82 @@
+"""``model.init_from``: a run starts from a model file's architecture, normalisation and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ase.build import molecule
+from ase.io import write
+
+from atomforge import ConfigError, DataValidationError, config_from_dict, load_model
+from atomforge.workflow import train
+
+from conftest import emt_label, tiny_config
+
+
+@pytest.fixture(scope="module")
+def base_model(registry, cu_files, tmp_path_factory):
+    """A tiny trained Cu model (model.pt) and its config."""
+    raw = tiny_config(cu_files, tmp_path_factory.mktemp("base") / "run", max_epochs=2)
+    return train(config_from_dict(raw), registry, verbose=False).model_path, raw
+
+
+def _finetune_raw(cu_files, output, path, **model):
+    raw = tiny_config(cu_files, output, max_epochs=0)
+    raw["model"] = {"init_from": str(path), **model}
+    return raw
+
+
+def test_zero_epochs_from_a_model_reproduces_it(registry, cu_files, base_model, tmp_path) -> None:
+    path, _ = base_model
+    outcome = train(config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", path)), registry, verbose=False)
+    before, after = load_model(path), load_model(outcome.model_path)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), name
+    config = config_from_dict(_finetune_raw(cu_files, tmp_path / "x", path))
+    assert config.model.backbone == "painn" and config.model.cutoff == 4.0  # taken from the file
+    assert config.model.options["hidden_channels"] == 16
+
+
+def test_finetuning_continues_from_the_weights(registry, cu_files, base_model, tmp_path) -> None:
+    path, raw = base_model
+    start = train(config_from_dict(_finetune_raw(cu_files, tmp_path / "zero", path)), registry, verbose=False)
+    ft = _finetune_raw(cu_files, tmp_path / "ft", path)
+    ft["training"].update(max_epochs=3, lr=0.002)
+    tuned = train(config_from_dict(ft), registry, verbose=False)
+    assert tuned.test_metrics["test_forces_mae"] < start.test_metrics["test_forces_mae"]
+
+
+def test_model_keys_that_contradict_the_file_are_refused(cu_files, base_model, tmp_path) -> None:
+    path, _ = base_model
+    with pytest.raises(ConfigError, match="hidden_channels: config 32 vs file 16"):
+        config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", path, hidden_channels=32))
+    with pytest.raises(ConfigError, match="cutoff"):
+        config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", path, cutoff=5.0))
+    config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", path, cutoff=4, backbone="painn"))  # agree: fine
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", tmp_path / "missing.pt"))
+
+
+def test_new_elements_are_refused(registry, cu_files, base_model, tmp_path) -> None:
+    path, _ = base_model
+    water = molecule("H2O")
+    water.center(vacuum=3.0)
+    data = tmp_path / "water.extxyz"
+    write(data, [emt_label(water.copy()) for _ in range(4)])
+    raw = _finetune_raw(cu_files, tmp_path / "ft", path)
+    raw["data"] = {"train": str(data), "valid_fraction": 0.25}
+    with pytest.raises(DataValidationError, match=r"Z=\[1, 8\] that this model has no weights for"):
+        train(config_from_dict(raw), registry, verbose=False)
+
+
+def test_deep_ensemble_members_start_from_the_files_members(registry, cu_files, tmp_path) -> None:
+    raw = tiny_config(cu_files, tmp_path / "ens", max_epochs=1)
+    raw["uq"] = {"name": "deep_ensemble", "num_members": 2}
+    ensemble = train(config_from_dict(raw), registry, verbose=False).model_path
+    ft = _finetune_raw(cu_files, tmp_path / "ft", ensemble)
+    ft["uq"] = {"name": "deep_ensemble", "num_members": 2}
+    tuned = load_model(train(config_from_dict(ft), registry, verbose=False).model_path)
+    source = load_model(ensemble)
+    for a, b in zip(source.state_dict().items(), tuned.state_dict().items()):
+        if not a[0].startswith("calibration."):
+            assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
