@@ -22,7 +22,7 @@ import yaml
 from ase import Atoms
 from ase.io import read, write
 
-from atomforge import LabelResult, PluginKind, Registry, config_from_dict, load_calculator
+from atomforge import DataValidationError, LabelResult, PluginKind, Registry, config_from_dict, load_calculator
 from atomforge.exploration import Candidate, uncertainty_of, unphysical_reason
 from atomforge.workflow import train
 
@@ -243,11 +243,15 @@ class Campaign:
         folder = self.iter_dir(iteration)
         for frame in frames:
             reason = unphysical_reason(frame, self.config.min_distance_ratio)
+            if reason is None:
+                try:
+                    sigma, energy_std = score(frame, calc)
+                except DataValidationError as error:  # the model refuses it (e.g. overlapping atoms)
+                    reason = f"the model cannot evaluate it: {error}"
             if reason is not None:  # exploded MD frames: kept for inspection, never labelled
                 frame.info.update({"rejected": reason, "al_key": structure_hash(frame)})
                 rejected.append(frame)
                 continue
-            sigma, energy_std = score(frame, calc)
             frame.info.update({"max_force_std": np.nan if sigma is None else sigma,
                                "energy_std": np.nan if energy_std is None else energy_std,
                                "al_key": structure_hash(frame)})

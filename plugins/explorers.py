@@ -16,6 +16,7 @@ Explorers return unlabelled copies with ``info['explorer']`` (and what made them
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +24,11 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from atomforge import ConfigError, ExplorerSpec, hookimpl
+from atomforge import ConfigError, DataValidationError, ExplorerSpec, hookimpl
 from atomforge.exploration import structure_hash, uncertainty_of
 from atomforge.flagging import read_candidates
+
+_log = logging.getLogger("atomforge.explorers")
 
 
 class _StopTrajectory(Exception):
@@ -101,6 +104,8 @@ class MDExplorer:
             dyn.run(self.steps)
         except _StopTrajectory:
             pass
+        except DataValidationError as error:  # the dynamics blew up (e.g. overlapping atoms)
+            _log.warning("md explorer: trajectory at %g K stopped at step %d: %s", temperature, dyn.nsteps, error)
         return frames
 
     def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,

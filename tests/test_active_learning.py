@@ -196,6 +196,24 @@ def test_warm_started_iterations_start_from_the_previous_model(al_files, tmp_pat
         campaign_from_dict({**raw, "train": {**raw["train"], "warm_start": {"lr": 1}}})
 
 
+def test_configurations_the_model_cannot_evaluate_are_rejected_not_fatal(al_files, tmp_path, registry) -> None:
+    from ase.io import write
+
+    good = cu_structures(3, seed=21)
+    bad = good[0].copy()
+    bad.positions[1] = bad.positions[0] + [0.02, 0.0, 0.0]  # an exploded frame: two atoms 0.02 Å apart
+    offered = tmp_path / "offered.extxyz"
+    write(offered, [*good, bad])
+    raw = campaign_raw(al_files, tmp_path / "c", uq={"name": "latent_distance"}, min_distance_ratio=None,
+                       explorers=[{"name": "candidates_file", "path": str(offered)}],
+                       selector={"name": "random"}, budget={"per_iteration": 4, "total": 4},
+                       stop={"max_iterations": 1})
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    rejected = read(result.directory / "iterations" / "000" / "rejected.extxyz", index=":")
+    assert len(rejected) == 1 and "the model cannot evaluate it" in rejected[0].info["rejected"]
+    assert result.labels == 3
+
+
 def test_failing_labels_are_recorded_and_skipped(al_files, tmp_path) -> None:
     registry = make_registry(make_plugin_manager(extra=[plugin]))
     log = tmp_path / "requests.log"

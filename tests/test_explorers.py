@@ -49,6 +49,30 @@ def test_md_without_uncertainty_runs_to_the_end_at_each_temperature(registry) ->
     assert [(f.info["temperature"], f.info["step"]) for f in frames] == [(300, 10), (300, 20), (900, 10), (900, 20)]
 
 
+class Refusing(EMT):
+    """EMT that refuses (like the model's graph check on overlapping atoms) from call ``after`` on."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes) -> None:
+        self.calls += 1
+        if self.calls > self.after:
+            from atomforge import DataValidationError
+
+            raise DataValidationError("structure: atoms 0 and 1 are 0.02 Å apart")
+        super().calculate(atoms, properties, system_changes)
+
+
+def test_a_trajectory_the_calculator_refuses_ends_without_failing_the_others(registry, caplog) -> None:
+    explorer = registry.get("explorers", "md").factory(temperatures=[300, 900], steps=20, interval=5)
+    frames = explorer.explore([_cu()], Refusing(after=12), hi=None, seed=0)
+    # the 300 K run stops at its 12th step (frames at 5, 10); the 900 K run gets refused at once
+    assert [(f.info["temperature"], f.info["step"]) for f in frames] == [(300, 5), (300, 10)]
+    assert "stopped at step" in caplog.text and "0.02 Å apart" in caplog.text
+
+
 def test_npt_md_changes_the_cell(registry) -> None:
     explorer = registry.get("explorers", "md").factory(temperatures=[300], steps=20, interval=20,
                                                        ensemble="npt", pressure_gpa=5.0, taup_fs=50)
