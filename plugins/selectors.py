@@ -127,26 +127,37 @@ _METHODS = {"kmeans": kmeans_representatives, "farthest_point": farthest_point}
 
 class DiversitySelector:
     """Spread the selection over latent space within the trust window (``window: false`` uses every
-    candidate, which also works without a UQ head)."""
+    candidate, which also works without a UQ head). ``shortlist: m`` first keeps the m × budget
+    most uncertain candidates of the window (uncertainty first, then diversity among them)."""
 
     def __init__(self, *, method: str = "farthest_point", lo: float = 0.05, hi: float = 0.5,
-                 adaptive: bool = False, window: bool = True) -> None:
+                 adaptive: bool = False, window: bool = True, shortlist: float | None = None) -> None:
         if method not in _METHODS:
             raise ConfigError(f"diversity selector: unknown method {method!r}; valid: {', '.join(_METHODS)}")
+        if shortlist is not None and (isinstance(shortlist, bool) or not shortlist >= 1):
+            raise ConfigError(f"diversity selector: shortlist must be a number ≥ 1 (× the budget) or null; "
+                              f"got {shortlist!r}")
+        if shortlist is not None and not window:
+            raise ConfigError("diversity selector: shortlist ranks by uncertainty; it needs window: true")
         self.method = method  # kmeans | farthest_point
         self.window = TrustWindow(lo, hi, adaptive) if window else None
+        self.shortlist = shortlist  # keep the shortlist × budget most uncertain of the window; None = all
 
-    def _pool(self, candidates: Sequence[Candidate], calibration: float | None) -> tuple[np.ndarray, Selection]:
+    def _pool(self, candidates: Sequence[Candidate], calibration: float | None,
+              budget: int) -> tuple[np.ndarray, Selection]:
         if self.window is None:
             return np.arange(len(candidates)), Selection(())
         stds = _stds(candidates, "diversity")
         lo, hi = self.window.levels(calibration)
-        return np.flatnonzero((stds >= lo) & (stds < hi)), Selection((), lo, hi, classify(stds, lo, hi))
+        pool = np.flatnonzero((stds >= lo) & (stds < hi))
+        if self.shortlist is not None:  # most uncertain first (stable order for ties)
+            pool = pool[np.argsort(-stds[pool], kind="stable")][: max(budget, int(round(self.shortlist * budget)))]
+        return pool, Selection((), lo, hi, classify(stds, lo, hi))
 
     def select(self, candidates: Sequence[Candidate], budget: int, *, calibration: float | None = None,
                seed: int = 0) -> Selection:
         _check_budget(budget)
-        pool, info = self._pool(candidates, calibration)
+        pool, info = self._pool(candidates, calibration, budget)
         if budget == 0 or len(pool) == 0:
             return info
         if any(candidates[i].features is None for i in pool):

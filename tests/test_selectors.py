@@ -74,6 +74,23 @@ def test_diversity_avoids_near_duplicates_inside_the_window(registry, method) ->
     assert sorted(i % 3 for i in selection.indices) == [0, 1, 2]  # one per cluster
 
 
+def test_diversity_shortlist_keeps_the_most_uncertain_then_spreads(registry) -> None:
+    # two clusters; the uncertain one has 4 members; shortlist 2 × budget 2 = the 4 most uncertain
+    features = [np.array([0.0, 0.0]), np.array([0.0, 0.1]), np.array([5.0, 0.0]), np.array([5.0, 0.1]),
+                np.array([20.0, 0.0]), np.array([20.0, 0.1])]
+    stds = [0.5, 0.6, 0.7, 0.8, 0.2, 0.25]  # the far cluster (4, 5) is the least uncertain
+    selector = _make(registry, "diversity", lo=0.1, hi=1.0, shortlist=2)
+    picked = selector.select(_candidates(stds, features), 2).indices
+    assert len(picked) == 2 and set(picked) <= {0, 1, 2, 3} and len({i // 2 for i in picked}) == 2
+    plain = _make(registry, "diversity", lo=0.1, hi=1.0).select(_candidates(stds, features), 2, seed=3).indices
+    assert {i // 2 for i in plain} & {2}  # without a shortlist the spread reaches the far cluster
+    for bad in (0.5, True):
+        with pytest.raises(ConfigError, match="shortlist must be a number ≥ 1"):
+            _make(registry, "diversity", shortlist=bad)
+    with pytest.raises(ConfigError, match="needs window: true"):
+        _make(registry, "diversity", shortlist=2, window=False)
+
+
 def test_diversity_rejects_an_unknown_method(registry) -> None:
     with pytest.raises(ConfigError, match="farthest_point"):
         _make(registry, "diversity", method="dbscan")

@@ -153,6 +153,11 @@ def arms(hi: float) -> dict[str, dict]:
         "uncertainty": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi, "adaptive": True},
         "random": {"name": "random"},
         "random_window": {"name": "trust_window", "lo": 0.0, "hi": hi, "adaptive": True},
+        # variants of the uncertainty arm (same campaign otherwise; compare with the same seed's random arm)
+        "uncertainty_lo2": {"name": "diversity", "method": "farthest_point", "lo": 2.0, "hi": hi, "adaptive": True},
+        "uncertainty_topk": {"name": "top_k", "hi": hi, "adaptive": True},
+        "uncertainty_short": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi, "adaptive": True,
+                              "shortlist": 2},
     }
 
 
@@ -183,11 +188,12 @@ def summarise(results: Path = RESULTS, plot: Path = PLOT, summary_copy: Path = S
     curves = {name: curve(results, name) for name in ARMS if (results / name / "state.json").exists()}
     summary: dict = {"arms": curves}
     for baseline in ("random", "random_window"):
-        if curves.get(baseline) and curves.get("uncertainty"):
-            final = curves[baseline][-1]
-            reach = [p["labels"] for p in curves["uncertainty"] if p["test_forces_mae"] <= final["test_forces_mae"]]
-            summary[f"{baseline}_final"] = final
-            summary[f"uncertainty_labels_to_reach_{baseline}_final"] = min(reach) if reach else None
+        for arm in (name for name in curves if name.startswith("uncertainty")):
+            if curves.get(baseline) and curves[arm]:
+                final = curves[baseline][-1]
+                reach = [p["labels"] for p in curves[arm] if p["test_forces_mae"] <= final["test_forces_mae"]]
+                summary[f"{baseline}_final"] = final
+                summary[f"{arm}_labels_to_reach_{baseline}_final"] = min(reach) if reach else None
     for path in (results / f"{plot.stem}.json", summary_copy):
         path.write_text(json.dumps(summary, indent=2))
     import matplotlib

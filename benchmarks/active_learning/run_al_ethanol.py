@@ -23,7 +23,7 @@ import numpy as np
 from ase.io import read, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_al_cu import HERE, PLOT, add_arguments, run_and_summarise  # noqa: E402
+from run_al_cu import ARMS, HERE, PLOT, add_arguments, run_and_summarise  # noqa: E402
 from run_al_cu import campaign as cu_campaign  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
@@ -59,8 +59,9 @@ def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, budget=100, per_iteration=20, epochs=60, hi=6.0)
+    parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
     args = parser.parse_args()
-    run_and_summarise(args, ["uncertainty", "random"], RESULTS, make_data, campaign, ETHANOL_PLOT, ETHANOL_SUMMARY,
+    run_and_summarise(args, args.arms, RESULTS, make_data, campaign, ETHANOL_PLOT, ETHANOL_SUMMARY,
                       "GFN2-xTB ethanol: active learning vs random MD frames")
 
 
