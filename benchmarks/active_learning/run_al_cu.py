@@ -205,6 +205,7 @@ def summarise(results: Path = RESULTS, plot: Path = PLOT, summary_copy: Path = S
     for name, points in curves.items():
         if points:
             ax.plot([p["labels"] for p in points], [p["test_forces_mae"] for p in points], "o-", label=name)
+    ax.set_yscale("log")
     ax.set_xlabel(f"labels used (beyond the {initial} initial frames)")
     ax.set_ylabel("test force MAE (meV/Å)")
     ax.set_title(title, fontsize=10)
@@ -255,11 +256,56 @@ def run_and_summarise(args: argparse.Namespace, names: list[str], root: Path, ma
                                summary.with_name(f"{summary.stem}{suffix}.json"), **extra), indent=2))
 
 
+def combine(tags: list[str], arms: list[str], results: Path = RESULTS, name: str = "seeds") -> dict:
+    """Several seeds' runs (``results/<tag>/``) in one plot (mean ± range per arm) and one JSON
+    with each seed's labels-to-reach ratio of every uncertainty arm vs that seed's random arm."""
+    curves = {tag: {arm: curve(results / tag, arm) for arm in arms if (results / tag / arm / "state.json").exists()}
+              for tag in tags}
+    ratios: dict = {}
+    for tag, by_arm in curves.items():
+        final = by_arm["random"][-1]["test_forces_mae"]
+        for arm in (a for a in by_arm if a != "random"):
+            reach = [p["labels"] for p in by_arm[arm] if p["test_forces_mae"] <= final]
+            ratios.setdefault(arm, {})[tag] = {"random_final": final, "labels": min(reach) if reach else None,
+                                               "ratio": min(reach) / by_arm["random"][-1]["labels"] if reach else None}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for arm in arms:
+        runs = [by_arm[arm] for by_arm in curves.values() if arm in by_arm]
+        if not runs:
+            continue
+        length = min(len(r) for r in runs)
+        x = [runs[0][i]["labels"] for i in range(length)]
+        y = np.array([[r[i]["test_forces_mae"] for i in range(length)] for r in runs])
+        line, = ax.plot(x, y.mean(0), "o-", label=f"{arm} (mean of {len(runs)})")
+        ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("labels used (beyond the 20 initial frames)")
+    ax.set_ylabel("test force MAE (meV/Å)")
+    ax.set_title(f"EMT Cu, {len(tags)} seeds: mean and range", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    plot = PLOT.with_name(f"{PLOT.stem}-{name}.png")
+    fig.savefig(plot, dpi=110)
+    summary = {"tags": tags, "labels_to_reach_random_final": ratios, "curves": curves}
+    SUMMARY.with_name(f"{SUMMARY.stem}-{name}.json").write_text(json.dumps(summary, indent=2))
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, budget=150, per_iteration=25, epochs=30, hi=20.0)
     parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
+    parser.add_argument("--combine", nargs="+", metavar="TAG",
+                        help="no run: plot and summarise these tags' runs of --arms together (suffix: --tag)")
     args = parser.parse_args()
+    if args.combine:
+        print(json.dumps(combine(args.combine, args.arms, name=args.tag or "seeds"), indent=2))
+        return
     run_and_summarise(args, args.arms, RESULTS, make_data, campaign, PLOT, SUMMARY)
 
 
