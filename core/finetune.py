@@ -26,6 +26,7 @@ from .registry import Registry
 __all__ = ["InitialModel", "read_initial_model", "merge_model_config", "MODEL_KEYS"]
 
 MODEL_KEYS = ("backbone", "cutoff", "dtype", "options")  # what init_from fixes
+_NOT_HEAD = ("potential.", "calibration.")  # state-dict prefixes of a UQ head that are not its own weights
 
 
 def merge_model_config(given: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class InitialModel:
         _load_strict(potential, self.member_weights(index), self.path)
         if potential is module:
             return []
-        own = {k: v for k, v in module.state_dict().items() if not k.startswith(("potential.", "calibration."))}
+        own = {k: v for k, v in module.state_dict().items() if not k.startswith(_NOT_HEAD)}
         fits = {k: v for k, v in self.head.items() if k in own and own[k].shape == v.shape}
         module.load_state_dict(fits, strict=False)
         return sorted(set(own) - set(fits))
@@ -126,7 +127,7 @@ def read_initial_model(path: Path | str, registry: Registry) -> InitialModel:
         if key.startswith("others."):
             _, index, rest = key.split(".", 2)
             members.setdefault(int(index), {})[rest] = value
-        elif not key.startswith(("potential.", "calibration.")):
+        elif not key.startswith(_NOT_HEAD):
             head[key] = value
     return InitialModel(path, config, str(uq.get("name")), potential,
                         tuple(members[k] for k in sorted(members)), head)

@@ -51,10 +51,14 @@ def cu_structures(n: int, seed: int = 0, repeat: tuple[int, int, int] = (1, 1, 2
 @pytest.fixture(scope="session")
 def cu_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Train (24) and test (8) EMT Cu structures as extxyz files."""
-    folder = tmp_path_factory.mktemp("cu")
-    paths = {"train": folder / "train.extxyz", "test": folder / "test.extxyz"}
-    write(paths["train"], cu_structures(24, seed=1))
-    write(paths["test"], cu_structures(8, seed=2))
+    return write_cu_sets(tmp_path_factory.mktemp("cu"), {"train": (24, 1), "test": (8, 2)})
+
+
+def write_cu_sets(folder: Path, sets: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """``folder/<name>.extxyz`` with ``count`` EMT Cu structures (seed ``seed``) per ``name: (count, seed)``."""
+    paths = {name: folder / f"{name}.extxyz" for name in sets}
+    for name, (count, seed) in sets.items():
+        write(paths[name], cu_structures(count, seed=seed))
     return paths
 
 
@@ -74,11 +78,7 @@ def tiny_config(cu_files: dict[str, Path], output: Path, **training: object) -> 
 @pytest.fixture(scope="module")
 def al_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """10 initial and 4 test EMT Cu structures for mini campaigns."""
-    folder = tmp_path_factory.mktemp("al")
-    files = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz"}
-    write(files["initial"], cu_structures(10, seed=1))
-    write(files["test"], cu_structures(4, seed=2))
-    return files
+    return write_cu_sets(tmp_path_factory.mktemp("al"), {"initial": (10, 1), "test": (4, 2)})
 
 
 def campaign_raw(files: dict[str, Path], output: Path, uq: dict | None = None, **extra: object) -> dict:
