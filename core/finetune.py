@@ -32,7 +32,7 @@ _NOT_HEAD = ("potential.", "calibration.")  # state-dict prefixes of a UQ head t
 def merge_model_config(given: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """The ``model`` block with ``init_from``: keys not given come from the file; a given key that
     differs from the file's is an error (the weights would not fit it)."""
-    config, _, _ = read_model_file(path)
+    config, _, _ = read_model_file(path, mmap=True)  # the weights are read later, by read_initial_model
     options = {k: v for k, v in given.items() if k not in (*MODEL_KEYS, "init_from")}
     merged: dict[str, Any] = {"init_from": str(path)}
     mismatches = []

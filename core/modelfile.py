@@ -79,13 +79,17 @@ def save_model(
     return Path(path)
 
 
-def read_model_file(path: Path | str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, metadata, state_dict) of a model file, with clear errors for foreign files."""
+def read_model_file(
+    path: Path | str, *, mmap: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, metadata, state_dict) of a model file, with clear errors for foreign files.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the config is wanted."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
         raise ModelFileError(
             f"{path} is not a readable atomforge model file ({type(error).__name__}: {error})"

@@ -7,7 +7,7 @@ import torch
 from ase.build import molecule
 from ase.io import write
 
-from atomforge import ConfigError, DataValidationError, config_from_dict, load_model
+from atomforge import ConfigError, DataValidationError, ModelFileError, config_from_dict, load_model
 from atomforge.workflow import train
 
 from conftest import emt_label, tiny_config
@@ -55,6 +55,12 @@ def test_model_keys_that_contradict_the_file_are_refused(cu_files, base_model, t
     config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", path, cutoff=4, backbone="painn"))  # agree: fine
     with pytest.raises(ConfigError, match="does not exist"):
         config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="junk.pt is not a readable atomforge model file"):
+        config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelFileError, match="legacy.pt is not a readable atomforge model file"):
+        config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", tmp_path / "legacy.pt"))
 
 
 def test_new_elements_are_refused(registry, cu_files, base_model, tmp_path) -> None:
