@@ -29,6 +29,7 @@ from atomforge.workflow import train
 from ._config import CampaignConfig
 from ._labelling import OracleCall, label_all, make_executor
 from ._trainjob import run_training_job
+from ._stratify import stratified_select
 from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
 
 __all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features", "stable_split"]
@@ -297,11 +298,18 @@ class Campaign:
                 seen.add(candidate.key)
         budget = max(0, min(self.config.budget.per_iteration, self.config.budget.total - self.labels_requested))
         calibration = read_json(folder / "calibration.json", {}).get("calibration")
-        selection = self.make_selector().select(fresh, budget, calibration=calibration,
-                                                seed=self.config.seed + iteration)
+        selector, seed = self.make_selector(), self.config.seed + iteration
+        groups: dict[str, int] | None = None
+        if self.config.budget.stratify:
+            selection, groups = stratified_select(selector, fresh, budget, self.config.budget.stratify,
+                                                  calibration=calibration, seed=seed)
+        else:
+            selection = selector.select(fresh, budget, calibration=calibration, seed=seed)
         record = {"keys": [fresh[i].key for i in selection.indices], "lo": selection.lo, "hi": selection.hi,
                   "counts": dict(selection.counts), "n_explored": len(every), "budget": budget,
                   "calibration": calibration, "stds": [c.max_force_std for c in every if c.max_force_std is not None]}
+        if groups is not None:
+            record["groups"] = groups  # labels selected per stratum
         write_json_atomic(folder / "selection.json", record)
         return record
 

@@ -34,6 +34,16 @@ class OracleConfig:
 class BudgetConfig:
     per_iteration: int = 10  # most labels requested per iteration
     total: int = 100  # most labels requested over the campaign (failed requests count)
+    # split each iteration's budget evenly over groups of candidates by these keys (``explorer`` or
+    # an atoms.info key an explorer sets, e.g. ``temperature``); empty: one pool (see _stratify.py)
+    stratify: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        keys = (self.stratify,) if isinstance(self.stratify, str) else self.stratify
+        if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) and k for k in keys):
+            raise ConfigError(f"budget.stratify: expected a key or a list of keys (e.g. temperature, "
+                              f"explorer); got {self.stratify!r}")
+        object.__setattr__(self, "stratify", tuple(keys))
 
 
 @dataclass(frozen=True)

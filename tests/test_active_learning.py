@@ -154,9 +154,11 @@ def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tm
 def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry) -> None:
     raw = campaign_raw(al_files, tmp_path / "c", uq={"name": "latent_distance"},
                        selector={"name": "diversity", "method": "farthest_point", "lo": 0.0, "hi": 1e6},
-                       budget={"per_iteration": 2, "total": 2})
+                       budget={"per_iteration": 2, "total": 2, "stratify": "explorer"})
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
     assert result.labels == 2 and result.stopped_because.startswith("label budget")
+    selection = json.loads((result.directory / "iterations" / "000" / "selection.json").read_text())
+    assert selection["groups"] == {"explorer=md": 1, "explorer=perturb": 1}  # one label per explorer
 
 
 def test_the_validation_split_is_stable_as_labels_are_added() -> None:

@@ -94,3 +94,67 @@ def test_diversity_shortlist_keeps_the_most_uncertain_then_spreads(registry) -> 
 def test_diversity_rejects_an_unknown_method(registry) -> None:
     with pytest.raises(ConfigError, match="farthest_point"):
         _make(registry, "diversity", method="dbscan")
+
+
+def _hot_and_cold(per_group: int = 6) -> list[Candidate]:
+    """Candidates at 300/900/1500 K whose σ grows with temperature (the hottest are most uncertain)."""
+    out = []
+    for t, temperature in enumerate((300.0, 900.0, 1500.0)):
+        for k in range(per_group):
+            atoms = bulk("Cu")
+            atoms.info["temperature"] = temperature
+            sigma = 0.1 * (t + 1) + 0.01 * k
+            out.append(Candidate(atoms, sigma, None, np.array([sigma]), "md"))
+    return out
+
+
+def test_stratified_budget_spreads_labels_over_temperatures(registry) -> None:
+    from atomforge.active_learning._stratify import stratified_select
+
+    candidates, top_k = _hot_and_cold(), _make(registry, "top_k")
+    plain = top_k.select(candidates, 6)
+    assert {candidates[i].atoms.info["temperature"] for i in plain.indices} == {1500.0}  # σ-ranking: all hot
+    selection, groups = stratified_select(top_k, candidates, 9, ("temperature",), seed=0)
+    assert groups == {"temperature=1500.0": 3, "temperature=300.0": 3, "temperature=900.0": 3}
+    assert len(set(selection.indices)) == 9
+    for temperature in (300.0, 900.0, 1500.0):  # within each group, still the most uncertain
+        sigmas = sorted((candidates[i].max_force_std for i in selection.indices
+                         if candidates[i].atoms.info["temperature"] == temperature), reverse=True)
+        pool = sorted((c.max_force_std for c in candidates if c.atoms.info["temperature"] == temperature), reverse=True)
+        assert sigmas == pool[:3]
+    # a budget smaller than the number of groups, and two keys (explorer × temperature)
+    selection, groups = stratified_select(top_k, candidates, 2, ("explorer", "temperature"), seed=0)
+    assert len(selection.indices) == 2 and sorted(groups.values()) == [0, 1, 1]
+    assert all(g.startswith("explorer=md,temperature=") for g in groups)
+
+
+def test_stratified_shares_a_group_cannot_fill_go_to_the_others(registry) -> None:
+    from atomforge.active_learning._stratify import stratified_select
+
+    candidates = _hot_and_cold()
+    window = _make(registry, "trust_window", lo=0.0, hi=0.115)  # 300 K: 2 inside, 900/1500 K: none
+    selection, groups = stratified_select(window, candidates, 9, ("temperature",), seed=0)
+    assert groups == {"temperature=1500.0": 0, "temperature=300.0": 2, "temperature=900.0": 0}
+    assert dict(selection.counts) == {"accurate": 0, "candidate": 2, "failed": 16}  # summed over groups
+    window = _make(registry, "trust_window", lo=0.0, hi=0.29)  # 300 K: 6, 900 K: 6, 1500 K: none
+    selection, groups = stratified_select(window, candidates, 11, ("temperature",), seed=0)
+    assert groups["temperature=1500.0"] == 0 and sum(groups.values()) == 11 and len(set(selection.indices)) == 11
+    assert sum(selection.counts.values()) == len(candidates)
+    random = _make(registry, "random")  # no window: every share fills; a missing key is its own group
+    candidates[0].atoms.info.pop("temperature")
+    _, groups = stratified_select(random, candidates, 12, ("temperature",), seed=1)
+    assert groups["temperature=-"] == 1 and sum(groups.values()) == 12
+
+
+def test_stratify_is_checked_in_the_campaign_config(al_files, tmp_path) -> None:
+    from atomforge.active_learning import campaign_from_dict
+
+    from conftest import campaign_raw
+
+    raw = campaign_raw(al_files, tmp_path / "c", budget={"per_iteration": 3, "total": 6, "stratify": "temperature"})
+    assert campaign_from_dict(raw).budget.stratify == ("temperature",)
+    raw["budget"]["stratify"] = ["explorer", "temperature"]
+    assert campaign_from_dict(raw).budget.stratify == ("explorer", "temperature")
+    raw["budget"]["stratify"] = 3
+    with pytest.raises(ConfigError, match="budget.stratify: expected a key or a list of keys"):
+        campaign_from_dict(raw)

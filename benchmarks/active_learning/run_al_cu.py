@@ -128,6 +128,8 @@ def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, 
     if warm_lr is not None:
         train["warm_start"] = {"training": {**train["training"], "lr": warm_lr}}
     md = {**system["md"], **({} if steps is None else {"steps": steps})}
+    selector = dict(selector)
+    stratify = selector.pop("_stratify", None)
     return {
         "output": str(output), "initial_data": str(paths["initial"]), "test": str(paths["test"]),
         "starts": str(paths["starts"]), "starts_per_iteration": starts, "valid_fraction": 0.1, "seed": seed,
@@ -135,7 +137,7 @@ def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, 
         "train": train,
         "explorers": [{"name": "md", "interval": 10, **md}],
         "selector": selector,
-        "budget": {"per_iteration": per_iteration, "total": budget},
+        "budget": {"per_iteration": per_iteration, "total": budget, **({"stratify": stratify} if stratify else {})},
         "stop": {"max_iterations": 1000},
         "executor": {"kind": "serial"}, "tracking": "none",
     }
@@ -158,6 +160,12 @@ def arms(hi: float) -> dict[str, dict]:
         "uncertainty_topk": {"name": "top_k", "hi": hi, "adaptive": True},
         "uncertainty_short": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi, "adaptive": True,
                               "shortlist": 2},
+        # the same selectors with each iteration's budget split evenly over MD temperatures
+        # (budget.stratify; "_stratify" is moved there by campaign())
+        "uncertainty_strat": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi, "adaptive": True,
+                              "_stratify": "temperature"},
+        "uncertainty_short_strat": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi,
+                                    "adaptive": True, "shortlist": 2, "_stratify": "temperature"},
     }
 
 
