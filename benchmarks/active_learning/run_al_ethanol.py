@@ -27,6 +27,7 @@ docs/benchmarks/al-ethanol-learning-curve.png and docs/benchmarks/al-ethanol-202
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -120,13 +121,57 @@ def campaign(paths: dict[str, Path], output: Path, selector: dict, budget: int, 
                        system=system, uq=uq, **explore)
 
 
+def by_temperature(results: Path, arms: list[str], test: Path) -> dict:
+    """Each arm's final model on the test set, force MAE (meV/Å) per test temperature, and the
+    labels it chose per explorer temperature with their GFN2-xTB energies (eV above the test
+    set's lowest): where the labels went, and whether they look like the test set."""
+    import glob
+
+    from atomforge import load_calculator
+
+    frames = read(test, index=":")
+    floor = min(a.get_potential_energy() for a in frames)
+    out: dict = {"test_energy_above_min": {}}
+    for temperature in sorted({a.info["temperature_K"] for a in frames}):
+        e = [a.get_potential_energy() - floor for a in frames if a.info["temperature_K"] == temperature]
+        out["test_energy_above_min"][str(temperature)] = {"median": float(np.median(e)), "p90": float(np.percentile(e, 90))}
+    for arm in arms:
+        model = sorted(glob.glob(str(results / arm / "iterations" / "*" / "train" / "model.pt")))[-1]
+        calc, errors = load_calculator(model), {}
+        for atoms in frames:
+            work = atoms.copy()
+            work.calc = calc
+            errors.setdefault(str(atoms.info["temperature_K"]), []).append(
+                1000 * float(np.abs(work.get_forces() - atoms.get_forces()).mean()))
+        labels = read(results / arm / "labelled.extxyz", index="20:")
+        chosen: dict = {}
+        for temperature in sorted({a.info.get("temperature") for a in labels}):
+            e = [a.get_potential_energy() - floor for a in labels if a.info.get("temperature") == temperature]
+            chosen[str(temperature)] = {"labels": len(e), "energy_median": float(np.median(e)),
+                                        "energy_p90": float(np.percentile(e, 90))}
+        out[arm] = {"model": model, "test_forces_mae_by_temperature": {t: float(np.mean(v)) for t, v in errors.items()},
+                    "labels_by_explorer_temperature": chosen}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, budget=100, per_iteration=20, epochs=60, hi=6.0)
     parser.add_argument("--arms", nargs="+", default=["uncertainty", "random"], choices=list(ARMS))
     parser.add_argument("--protocol", default="md600", choices=list(PROTOCOLS),
                         help="initial/test/start data and MD temperatures (see the module docstring)")
+    parser.add_argument("--by-temperature", action="store_true",
+                        help="no run: each arm's final model per test temperature, and where its labels went")
     args = parser.parse_args()
+    if args.by_temperature:
+        results = RESULTS / args.tag if args.tag else RESULTS
+        test = RESULTS / ("data-broad" if args.protocol == "broad" else "data") / "test.extxyz"
+        summary = by_temperature(results, args.arms, test)
+        (results / "by_temperature.json").write_text(json.dumps(summary, indent=2))
+        ETHANOL_SUMMARY.with_name(f"{ETHANOL_SUMMARY.stem}-{args.tag}-by-temperature.json").write_text(
+            json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        return
     make_files, temperatures = PROTOCOLS[args.protocol]
 
     def make_campaign(*positional: object, **keywords: object) -> dict:
