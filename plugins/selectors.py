@@ -1,7 +1,8 @@
 """Built-in selectors: which explored candidates to label.
 
 - ``trust_window`` — DP-GEN's rule: candidates with ``lo ≤ max force std < hi``, at random;
-- ``top_k`` — the most uncertain candidates (below ``hi`` if given);
+- ``top_k`` — the most uncertain candidates (below ``hi`` if given), optionally weighted by their
+  density in latent space (``density: β``) so that outliers of the explored set come last;
 - ``diversity`` — within the trust window, spread over latent space by k-means (the candidate
   nearest each centroid) or farthest-point sampling (scikit-learn / NumPy), so near-duplicates
   are not labelled twice;
@@ -79,19 +80,46 @@ class TrustWindowSelector:
         return Selection(tuple(int(i) for i in picked), lo, hi, classify(stds, lo, hi))
 
 
-class TopKSelector:
-    """The ``budget`` most uncertain candidates, skipping those at or above ``hi`` (if given)."""
+def latent_density(features: np.ndarray) -> np.ndarray:
+    """Each row's mean Gaussian similarity to all rows (itself included), on z-scored features with
+    the median pairwise distance as bandwidth: ≈ 1 in the bulk of the pool, → 0 for outliers."""
+    if len(features) < 2:
+        return np.ones(len(features))
+    scaled = (features - features.mean(0)) / np.where(features.std(0) > 0, features.std(0), 1.0)
+    squared = np.maximum((scaled**2).sum(1)[:, None] + (scaled**2).sum(1)[None, :] - 2 * scaled @ scaled.T, 0.0)
+    bandwidth = float(np.median(squared[np.triu_indices(len(features), 1)]))
+    similarity = np.exp(-squared / (2 * bandwidth)) if bandwidth > 0 else np.ones_like(squared)
+    density = similarity.mean(1)
+    return density / density.max()
 
-    def __init__(self, *, hi: float | None = None, adaptive: bool = False) -> None:
+
+class TopKSelector:
+    """The ``budget`` most uncertain candidates, skipping those at or above ``hi`` (if given).
+
+    ``density: β`` ranks by σ · ρ^β instead, ρ the candidate's density in latent space among the
+    candidates below ``hi`` (information-density weighting, Settles & Craven 2008): uncertain but
+    typical configurations before uncertain outliers of the explored set."""
+
+    def __init__(self, *, hi: float | None = None, adaptive: bool = False, density: float = 0.0) -> None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not density >= 0:
+            raise ConfigError(f"top_k selector: density must be an exponent ≥ 0 (0 = off); got {density!r}")
         self.hi = hi  # upper trust level; None keeps every candidate
         self.adaptive = adaptive  # hi multiplies the calibration scale
+        self.density = float(density)  # β of σ · ρ^β; 0 ranks by σ alone
 
     def select(self, candidates: Sequence[Candidate], budget: int, *, calibration: float | None = None,
                seed: int = 0) -> Selection:
         _check_budget(budget)
         stds = _stds(candidates, "top_k")
         hi = None if self.hi is None else TrustWindow(0.0, self.hi, self.adaptive).levels(calibration)[1]
-        order = [int(i) for i in np.argsort(-stds, kind="stable") if hi is None or stds[i] < hi]
+        pool = np.array([i for i in range(len(candidates)) if hi is None or stds[i] < hi], dtype=int)
+        score = stds[pool]
+        if self.density > 0 and len(pool):
+            if any(candidates[i].features is None for i in pool):
+                raise ConfigError("the top_k selector with density needs latent features on every candidate")
+            features = np.stack([np.asarray(candidates[i].features, dtype=float) for i in pool])
+            score = score * latent_density(features) ** self.density
+        order = [int(i) for i in pool[np.argsort(-score, kind="stable")]]
         counts = classify(stds, 0.0, hi) if hi is not None else {}
         return Selection(tuple(order[:budget]), None, hi, counts)
 

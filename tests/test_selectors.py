@@ -158,3 +158,20 @@ def test_stratify_is_checked_in_the_campaign_config(al_files, tmp_path) -> None:
     raw["budget"]["stratify"] = 3
     with pytest.raises(ConfigError, match="budget.stratify: expected a key or a list of keys"):
         campaign_from_dict(raw)
+
+
+def test_top_k_density_puts_uncertain_outliers_after_uncertain_typical_ones(registry) -> None:
+    # 20 typical candidates in a cluster (σ 0.2–0.39) and 2 far outliers with the highest σ (0.5, 0.6)
+    rng = np.random.default_rng(0)
+    features = [rng.normal(0, 0.1, 4) for _ in range(20)] + [np.full(4, 5.0), np.full(4, -5.0)]
+    stds = [0.2 + 0.01 * k for k in range(20)] + [0.5, 0.6]
+    candidates = _candidates(stds, features)
+    plain = _make(registry, "top_k").select(candidates, 2)
+    assert set(plain.indices) == {20, 21}  # σ alone: the outliers
+    weighted = _make(registry, "top_k", density=1.0).select(candidates, 2)
+    assert all(15 <= i < 20 for i in weighted.indices)  # σ · ρ: among the most uncertain typical ones
+    with pytest.raises(ConfigError, match="density must be an exponent ≥ 0"):
+        _make(registry, "top_k", density=-1)
+    no_features = [Candidate(c.atoms, c.max_force_std, None, None) for c in candidates]
+    with pytest.raises(ConfigError, match="needs latent features"):
+        _make(registry, "top_k", density=1.0).select(no_features, 2)

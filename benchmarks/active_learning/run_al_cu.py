@@ -166,6 +166,10 @@ def arms(hi: float) -> dict[str, dict]:
                               "_stratify": "temperature"},
         "uncertainty_short_strat": {"name": "diversity", "method": "farthest_point", "lo": 1.0, "hi": hi,
                                     "adaptive": True, "shortlist": 2, "_stratify": "temperature"},
+        # σ · latent density (top_k density: 1): uncertain but typical frames first
+        "uncertainty_density": {"name": "top_k", "hi": hi, "adaptive": True, "density": 1.0},
+        "uncertainty_density_strat": {"name": "top_k", "hi": hi, "adaptive": True, "density": 1.0,
+                                      "_stratify": "temperature"},
     }
 
 
