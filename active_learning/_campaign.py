@@ -10,6 +10,7 @@ by name only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from concurrent.futures import Executor
@@ -29,8 +30,10 @@ from atomforge.workflow import train
 from ._config import CampaignConfig
 from ._labelling import OracleCall, label_all, make_executor
 from ._trainjob import run_training_job
-from ._stratify import stratified_select
+from ._stratify import stratified_select, unknown_keys
 from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
+
+_LOG = logging.getLogger("atomforge.active_learning")
 
 __all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features", "stable_split"]
 
@@ -301,6 +304,11 @@ class Campaign:
         selector, seed = self.make_selector(), self.config.seed + iteration
         groups: dict[str, int] | None = None
         if self.config.budget.stratify:
+            unknown = unknown_keys(fresh, self.config.budget.stratify)
+            if unknown:
+                info = sorted({k for c in fresh for k in c.atoms.info})
+                _LOG.warning("budget.stratify key(s) %s are set on no candidate, so they do not split the budget; "
+                             "keys the explorers set: %s", unknown, ["explorer", *info])
             selection, groups = stratified_select(selector, fresh, budget, self.config.budget.stratify,
                                                   calibration=calibration, seed=seed)
         else:

@@ -17,7 +17,12 @@ import numpy as np
 
 from atomforge.exploration import Candidate, Selection, Selector
 
-__all__ = ["group_of", "stratified_select"]
+__all__ = ["group_of", "stratified_select", "unknown_keys"]
+
+
+def unknown_keys(candidates: Sequence[Candidate], keys: Sequence[str]) -> list[str]:
+    """The keys no candidate carries (a typo, or a key no explorer of the campaign sets)."""
+    return [k for k in keys if k != "explorer" and candidates and not any(k in c.atoms.info for c in candidates)]
 
 
 def group_of(candidate: Candidate, keys: Sequence[str]) -> str:
@@ -74,4 +79,3 @@ def stratified_select(selector: Selector, candidates: Sequence[Candidate], budge
             counts[name] = counts.get(name, 0) + int(value)
     first = chosen[groups[0]]
     return Selection(tuple(merged), first.lo, first.hi, counts), {g: len(chosen[g].indices) for g in groups}
-

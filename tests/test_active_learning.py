@@ -151,7 +151,7 @@ def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tm
     assert "plots/learning_curve.png" in artifacts
 
 
-def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry) -> None:
+def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry, caplog) -> None:
     raw = campaign_raw(al_files, tmp_path / "c", uq={"name": "latent_distance"},
                        selector={"name": "diversity", "method": "farthest_point", "lo": 0.0, "hi": 1e6},
                        budget={"per_iteration": 2, "total": 2, "stratify": "explorer"})
@@ -159,6 +159,14 @@ def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry
     assert result.labels == 2 and result.stopped_because.startswith("label budget")
     selection = json.loads((result.directory / "iterations" / "000" / "selection.json").read_text())
     assert selection["groups"] == {"explorer=md": 1, "explorer=perturb": 1}  # one label per explorer
+
+    raw = campaign_raw(al_files, tmp_path / "typo", uq={"name": "latent_distance"}, selector={"name": "random"},
+                       budget={"per_iteration": 2, "total": 2, "stratify": "temprature"}, explorers=[
+                           {"name": "perturb", "n_per_start": 2, "rattle_std": 0.05}], train={
+                           **campaign_raw(al_files, tmp_path)["train"], "uq": {"name": "latent_distance"}})
+    with caplog.at_level("WARNING", logger="atomforge.active_learning"):
+        run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    assert "budget.stratify key(s) ['temprature'] are set on no candidate" in caplog.text
 
 
 def test_the_validation_split_is_stable_as_labels_are_added() -> None:

@@ -144,6 +144,9 @@ def test_stratified_shares_a_group_cannot_fill_go_to_the_others(registry) -> Non
     candidates[0].atoms.info.pop("temperature")
     _, groups = stratified_select(random, candidates, 12, ("temperature",), seed=1)
     assert groups["temperature=-"] == 1 and sum(groups.values()) == 12
+    from atomforge.active_learning._stratify import unknown_keys
+
+    assert unknown_keys(candidates, ("temperature", "explorer", "temprature")) == ["temprature"]
 
 
 def test_stratify_is_checked_in_the_campaign_config(al_files, tmp_path) -> None:
