@@ -80,14 +80,20 @@ class TrustWindowSelector:
         return Selection(tuple(int(i) for i in picked), lo, hi, classify(stds, lo, hi))
 
 
-def latent_density(features: np.ndarray) -> np.ndarray:
-    """Each row's mean Gaussian similarity to all rows (itself included), on z-scored features with
-    the median pairwise distance as bandwidth: ≈ 1 in the bulk of the pool, → 0 for outliers."""
+def latent_density(features: np.ndarray, max_reference: int = 4096, seed: int = 0) -> np.ndarray:
+    """Each row's mean Gaussian similarity to the rows (to a random ``max_reference`` of them in a
+    larger pool, so memory stays N × 4096), on z-scored features with the median squared pairwise
+    distance as 2·bandwidth²: ≈ 1 in the bulk of the pool, → 0 for outliers."""
     if len(features) < 2:
         return np.ones(len(features))
-    scaled = (features - features.mean(0)) / np.where(features.std(0) > 0, features.std(0), 1.0)
-    squared = np.maximum((scaled**2).sum(1)[:, None] + (scaled**2).sum(1)[None, :] - 2 * scaled @ scaled.T, 0.0)
-    bandwidth = float(np.median(squared[np.triu_indices(len(features), 1)]))
+    std = features.std(0)
+    scaled = (features - features.mean(0)) / np.where(std > 0, std, 1.0)
+    reference = scaled
+    if len(scaled) > max_reference:
+        reference = scaled[np.random.default_rng(seed).choice(len(scaled), max_reference, replace=False)]
+    squared = np.maximum((scaled**2).sum(1)[:, None] + (reference**2).sum(1)[None, :] - 2 * scaled @ reference.T, 0.0)
+    pairs = squared[np.triu_indices(len(scaled), 1)] if reference is scaled else squared  # no self-pairs
+    bandwidth = float(np.median(pairs))
     similarity = np.exp(-squared / (2 * bandwidth)) if bandwidth > 0 else np.ones_like(squared)
     density = similarity.mean(1)
     return density / density.max()

@@ -178,3 +178,15 @@ def test_top_k_density_puts_uncertain_outliers_after_uncertain_typical_ones(regi
     no_features = [Candidate(c.atoms, c.max_force_std, None, None) for c in candidates]
     with pytest.raises(ConfigError, match="needs latent features"):
         _make(registry, "top_k", density=1.0).select(no_features, 2)
+
+
+def test_latent_density_of_a_large_pool_uses_a_reference_sample() -> None:
+    from atomforge.plugins.selectors import latent_density
+
+    rng = np.random.default_rng(1)
+    features = np.vstack([rng.normal(0, 1, (3000, 8)), np.full((1, 8), 30.0)])
+    full = latent_density(features)
+    sampled = latent_density(features, max_reference=500)
+    assert full.shape == sampled.shape == (3001,)
+    assert full[-1] < 0.01 and sampled[-1] < 0.01  # the outlier
+    assert np.corrcoef(full[:-1], sampled[:-1])[0, 1] > 0.95  # the bulk ranks alike
