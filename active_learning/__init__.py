@@ -9,11 +9,11 @@ from ._config import CampaignConfig, campaign_from_dict, load_campaign
 from ._labelling import InlineExecutor, OracleCall, label_all, label_one, make_executor
 from ._loop import run_campaign
 from ._store import JournalEntry, LabelJournal, LabelledSet, structure_hash, write_json_atomic
-from .commands import campaign_status, export_campaign
+from .commands import campaign_status, export_campaign, final_model_path
 
 __all__ = [
     "Campaign", "CampaignResult", "CampaignConfig", "campaign_from_dict", "load_campaign", "run_campaign",
     "InlineExecutor", "OracleCall", "label_all", "label_one", "make_executor",
     "JournalEntry", "LabelJournal", "LabelledSet", "structure_hash", "write_json_atomic",
-    "campaign_status", "export_campaign",
+    "campaign_status", "export_campaign", "final_model_path",
 ]

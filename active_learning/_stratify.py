@@ -68,7 +68,7 @@ def stratified_select(selector: Selector, candidates: Sequence[Candidate], budge
         growable = [g for g in groups if got[g] == quota[g] < len(members[g])]
         if short <= 0 or not growable:
             break
-        quota = got
+        quota = dict(got)  # the shares that stuck, plus the shortfall spread over the groups that can grow
         for g, extra in _even_split(short, growable, rng).items():
             quota[g] += extra
             chosen[g] = pick(g)

@@ -39,9 +39,9 @@ def campaign_status(directory: Path) -> dict[str, Any]:
     }
 
 
-def export_campaign(directory: Path, out: Path) -> dict[str, str]:
-    """Copy the final (or latest) model and write the whole labelled data set to ``out``."""
-    directory, out = Path(directory), Path(out)
+def final_model_path(directory: Path | str) -> Path:
+    """The campaign's final model file, or its latest one while the campaign is unfinished."""
+    directory = Path(directory)
     state = read_json(directory / "state.json")
     if state is None:
         raise ConfigError(f"{directory} is not a campaign directory (no state.json)")
@@ -51,6 +51,14 @@ def export_campaign(directory: Path, out: Path) -> dict[str, str]:
     model = model if model is not None and model.exists() else (models[-1] if models else None)
     if model is None:
         raise ConfigError(f"{directory} holds no trained model yet")
+    return model
+
+
+def export_campaign(directory: Path, out: Path) -> dict[str, str]:
+    """Copy the final (or latest) model and write the whole labelled data set to ``out``."""
+    directory, out = Path(directory), Path(out)
+    model = final_model_path(directory)
+    state = read_json(directory / "state.json")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(model, out / "model.pt")
     structures = list(read(directory / "initial.extxyz", index=":"))

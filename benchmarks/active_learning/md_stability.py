@@ -17,7 +17,6 @@ Writes ``results/ethanol/<tag>/md_stability.json`` and a copy under ``docs/bench
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ethanol"))
 from make_data import make_calculator  # noqa: E402
 
 from atomforge import load_calculator  # noqa: E402
+from atomforge.active_learning import final_model_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ethanol"
@@ -96,7 +96,7 @@ def main() -> None:
     floor = min(a.get_potential_energy() for a in read(data / "test.extxyz", index=":"))
     out: dict = {"temperature": args.temperature, "steps": args.steps, "every": args.every, "arms": {}}
     for arm in args.arms:
-        model = sorted(glob.glob(str(RESULTS / args.tag / arm / "iterations" / "*" / "train" / "model.pt")))[-1]
+        model = str(final_model_path(RESULTS / args.tag / arm))
         out["arms"][arm] = run_arm(model, starts, floor, args.temperature, args.steps, args.every, args.seed)
         print(arm, json.dumps(out["arms"][arm]), flush=True)
     text = json.dumps(out, indent=2)

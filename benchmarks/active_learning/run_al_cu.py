@@ -75,6 +75,11 @@ def emt_md(atoms, temperature: float, frames: int, every: int, seed: int):
     return out
 
 
+def data_paths(folder: Path) -> dict[str, Path]:
+    """The files every campaign of a benchmark reads: initial data, test set, exploration starts."""
+    return {name: folder / f"{name}.extxyz" for name in ("initial", "test", "starts")}
+
+
 def make_data(folder: Path) -> dict[str, Path]:
     """Initial (20 rattled, mildly strained perfect cells), test set (MD at 300–1500 K over perfect,
     strained, sheared and vacancy cells) and the exploration start pool (unlabelled)."""
@@ -92,7 +97,7 @@ def make_data(folder: Path) -> dict[str, Path]:
         for t, temperature in enumerate((300, 700, 1100, 1500)):
             test += emt_md(cell(**kind), temperature, frames=3, every=100, seed=1000 + 10 * k + t)
     starts = [cell(**kind) for kind in kinds] + [cell(strain=-0.02, shear=0.03), cell(strain=0.04)]
-    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz", "starts": folder / "starts.extxyz"}
+    paths = data_paths(folder)
     write(paths["initial"], initial)
     write(paths["test"], test)
     write(paths["starts"], starts)

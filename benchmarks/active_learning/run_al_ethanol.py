@@ -37,7 +37,7 @@ from ase.io import read, write
 from atomforge import attach_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_al_cu import ARMS, HERE, PLOT, add_arguments, run_and_summarise  # noqa: E402
+from run_al_cu import ARMS, HERE, PLOT, add_arguments, data_paths, run_and_summarise  # noqa: E402
 from run_al_cu import campaign as cu_campaign  # noqa: E402
 
 DATA = HERE.parent / "ethanol" / "data"
@@ -52,7 +52,7 @@ def make_data(folder: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     train = read(DATA / "train.extxyz", index=":")
     picked = rng.permutation(len(train))
-    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz", "starts": folder / "starts.extxyz"}
+    paths = data_paths(folder)
     write(paths["initial"], [train[i] for i in picked[:20]])
     write(paths["starts"], [train[i] for i in picked[20:28]])
     write(paths["test"], read(DATA / "test.extxyz", index=":100") + read(DATA / "test_1000K.extxyz", index=":100"))
@@ -66,7 +66,7 @@ def make_data_broad(folder: Path) -> dict[str, Path]:
     from make_data import TrajSpec, make_calculator, relaxed_ethanol, run_trajectory  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"initial": folder / "initial.extxyz", "test": folder / "test.extxyz", "starts": folder / "starts.extxyz"}
+    paths = data_paths(folder)
     if all(path.exists() for path in paths.values()):
         return paths
     anti = relaxed_ethanol()
@@ -125,9 +125,8 @@ def by_temperature(results: Path, arms: list[str], test: Path) -> dict:
     """Each arm's final model on the test set, force MAE (meV/Å) per test temperature, and the
     labels it chose per explorer temperature with their GFN2-xTB energies (eV above the test
     set's lowest): where the labels went, and whether they look like the test set."""
-    import glob
-
     from atomforge import load_calculator
+    from atomforge.active_learning import final_model_path
 
     frames = read(test, index=":")
     floor = min(a.get_potential_energy() for a in frames)
@@ -136,7 +135,7 @@ def by_temperature(results: Path, arms: list[str], test: Path) -> dict:
         e = [a.get_potential_energy() - floor for a in frames if a.info["temperature_K"] == temperature]
         out["test_energy_above_min"][str(temperature)] = {"median": float(np.median(e)), "p90": float(np.percentile(e, 90))}
     for arm in arms:
-        model = sorted(glob.glob(str(results / arm / "iterations" / "*" / "train" / "model.pt")))[-1]
+        model = str(final_model_path(results / arm))
         calc, errors = load_calculator(model), {}
         for atoms in frames:
             work = atoms.copy()
