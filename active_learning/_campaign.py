@@ -10,6 +10,7 @@ by name only.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import sys
@@ -23,11 +24,23 @@ import yaml
 from ase import Atoms
 from ase.io import read, write
 
-from atomforge import DataValidationError, LabelResult, PluginKind, Registry, config_from_dict, load_calculator
-from atomforge.exploration import Candidate, uncertainty_of, unphysical_reason
-from atomforge.workflow import train
+from atomforge import (
+    Candidate,
+    ConfigError,
+    DataValidationError,
+    LabelResult,
+    PluginKind,
+    Registry,
+    config_from_dict,
+    has_checkpoint,
+    load_calculator,
+    train,
+    uncertainty_of,
+    unphysical_reason,
+    write_text_atomic,
+)
 
-from ._config import CampaignConfig
+from ._config import TRAIN_KEYS, CampaignConfig
 from ._labelling import OracleCall, label_all, make_executor
 from ._trainjob import run_training_job
 from ._stratify import stratified_select, unknown_keys
@@ -78,6 +91,16 @@ class Campaign:
         """Fail early on unknown plugin names and bad explorer options, before anything runs."""
         self.registry.get(PluginKind.ORACLE, self.config.oracle.name)
         self.registry.get(PluginKind.SELECTOR, self.config.selector.name)
+        engines = self.registry.names(PluginKind.ENGINE)
+        unknown = sorted(set(self.config.train) - set(TRAIN_KEYS) - set(engines))
+        if unknown:
+            raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(TRAIN_KEYS)} and the options block "
+                              f"of an installed engine, named like it (engines: {', '.join(engines)})")
+        engine = str((self.config.train.get("training") or {}).get("engine", "torch"))
+        processes = int(self.config.train.get("processes", 1))
+        if processes > 1 and not self.registry.get(PluginKind.ENGINE, engine).distributed:
+            raise ConfigError(f"train.processes={processes} needs a distributed engine in train.training.engine "
+                              f"(e.g. deepspeed); the {engine!r} engine runs one process")
         for explorer in self.config.explorers:  # built once to check options (e.g. a missing file)
             self.registry.get(PluginKind.EXPLORER, explorer.name).factory(**explorer.options)
 
@@ -115,9 +138,7 @@ class Campaign:
         if not initial.exists():
             spec = self.registry.get(PluginKind.DATA_SOURCE, self.config.initial_data.source)
             structures = list(spec.factory(dict(self.config.initial_data.options), self.config.base_dir))
-            tmp = initial.with_name(".initial.extxyz.tmp")
-            write(tmp, structures, format="extxyz")
-            tmp.replace(initial)
+            write_extxyz_atomic(initial, structures)
         repaired = repair_journal(self.journal, self.labelled, self.state["iteration"])
         if repaired:
             self.log(f"recovered {repaired} label(s) stored before the journal line was written")
@@ -143,9 +164,7 @@ class Campaign:
         parts = stable_split(len(structures), self.config.valid_fraction)
         data: dict[str, Any] = {}
         for name, indices in zip(("train", "valid"), parts):
-            tmp = folder / f".{name}.extxyz.tmp"
-            write(tmp, [structures[i] for i in indices], format="extxyz")
-            tmp.replace(folder / f"{name}.extxyz")
+            write_extxyz_atomic(folder / f"{name}.extxyz", [structures[i] for i in indices])
             data[name] = {"source": "ase", "path": str(folder / f"{name}.extxyz")}
         if self.config.test is not None:
             data["test"] = {"source": self.config.test.source, **self.config.test.options}
@@ -167,11 +186,12 @@ class Campaign:
             raw = self.train_config(iteration)
             config_file = self.iter_dir(iteration) / "train.yaml"
             config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-            resume = (run_dir / "checkpoint.pt").exists() or (run_dir / "deepspeed_checkpoint").exists()
-            if (raw.get("training") or {}).get("engine") == "deepspeed":  # a supervised distributed job
+            resume = has_checkpoint(run_dir)
+            engine = str((raw.get("training") or {}).get("engine", "torch"))
+            if self.registry.get(PluginKind.ENGINE, engine).distributed:  # a supervised distributed job
                 processes = int(self.config.train.get("processes", 1))
                 self.log(f"iteration {iteration}: training on {self._n_training()} structures, "
-                         f"{processes} DeepSpeed process(es); log: {self.iter_dir(iteration) / 'train.log'}")
+                         f"{processes} {engine} process(es); log: {self.iter_dir(iteration) / 'train.log'}")
                 run_training_job(config_file, self.iter_dir(iteration), processes=processes, resume=resume,
                                  cwd=self.dir)
             else:
@@ -264,13 +284,9 @@ class Campaign:
         if rejected:
             self.log(f"iteration {iteration}: {len(rejected)} unphysical configuration(s) dropped "
                      f"(e.g. {rejected[0].info['rejected']}); see rejected.extxyz")
-        tmp = folder / ".rejected.extxyz.tmp"
-        write(tmp, rejected, format="extxyz")
-        tmp.replace(folder / "rejected.extxyz")
+        write_extxyz_atomic(folder / "rejected.extxyz", rejected)
         np.save(folder / "features.npy", np.array(features))
-        tmp = folder / ".candidates.extxyz.tmp"
-        write(tmp, rows, format="extxyz")
-        tmp.replace(folder / "candidates.extxyz")
+        write_extxyz_atomic(folder / "candidates.extxyz", rows)
         write_json_atomic(folder / "calibration.json", {"calibration": calibration})
 
     def candidates(self, iteration: int) -> list[Candidate]:
@@ -344,6 +360,14 @@ class Campaign:
         label_all(self._executor_for_labels(), call, pending, lambda r: self.record_label(iteration, r))
 
 
+def write_extxyz_atomic(path: Path, frames: list[Atoms]) -> None:
+    """Write ``frames`` as extxyz to ``path`` atomically (an empty list gives an empty file)."""
+    buffer = io.StringIO()
+    if frames:
+        write(buffer, frames, format="extxyz")
+    write_text_atomic(path, buffer.getvalue())
+
+
 def stable_split(count: int, fraction: float) -> tuple[list[int], list[int]]:
     """(train, valid) positions of ``count`` structures in campaign order (initial, then labels
     as appended): position *i* is held out when ``round((i + 1)·f) > round(i·f)`` — round(count·f)
@@ -366,8 +390,7 @@ def latent_features(atoms: Atoms, calc: Any) -> np.ndarray:
     distribution histogram when the model exposes none."""
     import torch
 
-    from atomforge import atoms_to_graph, collate, keys
-    from atomforge.potential import Potential
+    from atomforge import Potential, atoms_to_graph, collate, keys
 
     model = getattr(calc, "model", None)
     potential = model if isinstance(model, Potential) else getattr(model, "potential", None)

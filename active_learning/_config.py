@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-from atomforge import ConfigError
-from atomforge.config import SourceConfig, apply_overrides, read_yaml
+from atomforge import ConfigError, SourceConfig, apply_overrides, read_yaml
 
 __all__ = ["PluginChoice", "OracleConfig", "BudgetConfig", "StopConfig", "ExecutorConfig",
            "CampaignConfig", "campaign_from_dict", "load_campaign"]
@@ -85,7 +84,8 @@ class CampaignConfig:
 
 _TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
         "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed", "min_distance_ratio")
-_TRAIN_KEYS = ("model", "uq", "loss", "training", "deepspeed", "processes", "warm_start")
+_TRAIN_KEYS = ("model", "uq", "loss", "training", "processes", "warm_start")  # + engines' options blocks
+TRAIN_KEYS = _TRAIN_KEYS
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -145,18 +145,14 @@ def _oracle(value: Any) -> OracleConfig:
 
 def _train(value: Any) -> dict[str, Any]:
     train = _mapping(value, "train")
-    unknown = sorted(set(train) - set(_TRAIN_KEYS))
+    unknown = sorted(k for k, v in train.items() if k not in _TRAIN_KEYS and not isinstance(v, Mapping))
     if unknown:
-        raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(_TRAIN_KEYS)} "
-                          "(data and output are set by the campaign)")
+        raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(_TRAIN_KEYS)} and options blocks named "
+                          "like an engine (e.g. deepspeed: {...}); data and output are set by the campaign")
     processes = train.get("processes", 1)
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"train.processes: expected an integer ≥ 1 (processes of each training job), got {processes!r}")
     _warm_start(train.get("warm_start", False))
-    engine = (train.get("training") or {}).get("engine", "torch")
-    if processes > 1 and engine != "deepspeed":
-        raise ConfigError(f"train.processes={processes} needs train.training.engine: deepspeed "
-                          f"(the {engine!r} engine runs one process)")
     return train
 
 

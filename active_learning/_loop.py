@@ -16,8 +16,8 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from atomforge import PluginKind, Registry
-from atomforge.tracking import Tracker
+from atomforge import PluginKind, Registry, pyplot, read_json, save_figure
+from atomforge import Tracker
 
 from ._campaign import Campaign, CampaignResult
 from ._config import CampaignConfig
@@ -88,19 +88,12 @@ def _count_frames(path: Path) -> int:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, {})
 
 
 def uncertainty_histogram(stds: list[float], lo: float | None, hi: float | None, path: Path) -> Path:
     """Histogram of the explored max force stds with the trust levels (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     if stds:
         ax.hist(stds, bins=30, color="tab:blue", alpha=0.8)
     for level, name in ((lo, "lo"), (hi, "hi")):
@@ -109,20 +102,12 @@ def uncertainty_histogram(stds: list[float], lo: float | None, hi: float | None,
     ax.set_xlabel("max force std (eV/Å)")
     ax.set_ylabel("explored configurations")
     ax.legend() if lo is not None or hi is not None else None
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def learning_curve_plot(history: list[dict[str, Any]], path: Path) -> Path:
     """Forces and energy MAE (validation, and test if any) vs labels used to train (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.5))
     x = [h["train_labels"] for h in history]
     for ax, quantity, unit in ((axes[0], "forces", "meV/Å"), (axes[1], "energy", "meV/atom")):
         for prefix in ("best_valid", "test"):
@@ -132,10 +117,7 @@ def learning_curve_plot(history: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("labels")
         ax.set_ylabel(f"{quantity} MAE ({unit})")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _make_tracker(campaign: Campaign) -> Tracker:
@@ -149,7 +131,7 @@ def _make_tracker(campaign: Campaign) -> Tracker:
     if previous is None:
         record = _config_record(campaign.config)
         tracker.log_dict(record, "campaign.yaml")
-        from atomforge.tracking import flatten
+        from atomforge import flatten
 
         tracker.log_params(flatten(record))
     return tracker

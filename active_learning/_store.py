@@ -19,32 +19,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from ase import Atoms
 from ase.io import read, write
 
-from atomforge.data import complete_extxyz_length
-from atomforge.exploration import structure_hash  # the key, shared with explorers (re-exported here)
+from atomforge import complete_extxyz_length, read_json, structure_hash, write_json_atomic  # re-exported here
 
 __all__ = ["structure_hash", "JournalEntry", "LabelJournal", "LabelledSet", "write_json_atomic", "read_json"]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file, fsync and rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    """The JSON in ``path``, or ``default`` if the file does not exist."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else default
 
 
 def _append_durably(path: Path, text: str) -> None:

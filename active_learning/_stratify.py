@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from atomforge.exploration import Candidate, Selection, Selector
+from atomforge import Candidate, Selection, Selector
 
 __all__ = ["group_of", "stratified_select", "unknown_keys"]
 

@@ -1,6 +1,6 @@
 """An iteration's training as a supervised distributed job (``torchrun … -m atomforge train``).
 
-Used when the campaign's ``train.training.engine`` is ``deepspeed``: the campaign writes the
+Used when the campaign's ``train.training.engine`` is a distributed engine (``deepspeed``): the campaign writes the
 iteration's ``train.yaml``, starts the job in its own process group, records it in
 ``train.job.json`` and waits. The job's stdout and stderr go to ``train.log`` (appended across
 attempts). A job that fails or is killed raises :class:`TrainingJobFailed` with the log's tail;
@@ -128,13 +128,6 @@ def run_training_job(config: Path, folder: Path, *, processes: int, resume: bool
                "-m", "atomforge", "train", str(config), "--quiet", *(["--resume"] if resume else [])]
     token = uuid.uuid4().hex
     env = {**os.environ, TOKEN_VARIABLE: token}
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
     with open(log, "a") as handle:
         handle.write(f"\n$ {' '.join(command)}\n")
         handle.flush()

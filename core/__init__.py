@@ -1,12 +1,16 @@
 """atomforge: machine-learned interatomic potentials built like foundation models.
 
-Public API; see ``docs/architecture.md`` for the picture and ``docs/plugins.md`` for writing
-plugins.
+This module is the public API — everything a user script or a plugin needs is importable from
+``atomforge`` directly (``from atomforge import Potential, BackboneSpec, hookimpl``), plus the
+public modules ``atomforge.keys`` (batch keys), ``atomforge.distributed`` (rank helpers) and
+``atomforge.testing`` (conformance kits). Plugins in ``plugins/`` import nothing else
+(``tests/test_public_api.py`` checks it). See ``docs/plugins.md`` for the plugin surface,
+grouped as below, and ``docs/architecture.md`` for the picture.
 """
 
 from __future__ import annotations
 
-from . import keys
+from . import distributed, keys
 from ._errors import (
     AtomforgeError,
     ConfigError,
@@ -18,6 +22,7 @@ from ._errors import (
     UnknownPluginError,
     UnseenElementError,
 )
+from ._io import atomic_save, read_json, write_json_atomic, write_text_atomic
 from ._specs import (
     BackboneSpec,
     CommandSpec,
@@ -31,46 +36,93 @@ from ._specs import (
     TrackerSpec,
     UQHeadSpec,
 )
+from .backends import Step, TorchBackend, TrainingBackend, autocast_context, cast_outputs, resolve_device
 from .calculator import AtomforgeCalculator, load_calculator
-from .config import RunConfig, config_from_dict, load_config
-from .data import Labels, Metadata, attach_labels, get_labels, get_metadata, validate_structure
-from .evaluate import evaluate, parity_plot
-from .graph import GraphDataset, atoms_to_graph, collate, iterate_batches, neighbor_list
+from .config import RunConfig, SourceConfig, apply_overrides, config_from_dict, load_config, read_yaml
+from .data import (
+    Labels,
+    Metadata,
+    attach_labels,
+    complete_extxyz_length,
+    get_labels,
+    get_metadata,
+    validate_structure,
+)
+from .evaluate import evaluate, evaluate_uncertainty, uncertainty_metrics
+from .exploration import (
+    Candidate,
+    Explorer,
+    Selection,
+    Selector,
+    min_distance_ratio,
+    structure_hash,
+    uncertainty_of,
+    unphysical_reason,
+)
+from .fields import DEFAULT_FIELDS, FieldKind, FieldSpec, FieldTable, collate, replicate_batch, split_batch
+from .flagging import UncertaintyFlagger, read_candidates
+from .graph import GraphDataset, atoms_to_graph, iterate_batches, neighbor_list
 from .hookspecs import hookimpl, hookspec
 from .losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm
+from .metrics import ErrorAccumulator, UQAccumulator
 from .modelfile import build_potential, load_model, read_model_file, save_model
+from .optim import make_optimizer, make_scheduler
 from .oracle import CalculatorOracle, LabelResult, Oracle, OracleFailure, OracleTimeout, label_safely
-from .potential import Backbone, Potential, fit_normalization
+from .physics import model_curl, random_rotations, rotate_batch
+from .plots import calibration_plot, error_vs_uncertainty_plot, parity_plot, pyplot, save_figure
+from .potential import Backbone, Potential, differentiable_inputs, energy_derivatives, fit_normalization, scatter_sum
 from .registry import DEFAULT_PLUGINS, PluginLoadWarning, Registry, make_plugin_manager, make_registry
-from .tracking import Tracker
-from .training import TorchEngine, TrainResult, TrainSettings
-from .uncertainty import UQFitContext, UQHead, calibrate, evaluate_uncertainty
+from .tracking import Tracker, TrackerCallback, flatten
+from .training import (
+    Callback,
+    EpochRecord,
+    Trainer,
+    TrainResult,
+    TrainSettings,
+    has_checkpoint,
+    read_training_state,
+)
+from .uncertainty import UQFitContext, UQHead, calibrate, member_statistics
+from .workflow import TrainOutcome, check_config, train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
-    "keys",
+    # public modules
+    "keys", "distributed",
     # errors
     "AtomforgeError", "ConfigError", "ConformanceError", "DataValidationError",
     "DuplicatePluginError", "ModelFileError", "PluginError", "UnknownPluginError",
     "UnseenElementError",
-    # plugins
+    # the plugin system: markers, spec records, registry
     "hookimpl", "hookspec", "PluginKind", "BackboneSpec", "CommandSpec", "DataSourceSpec",
-    "EngineSpec", "ExplorerSpec", "LossSpec", "OracleSpec", "SelectorSpec", "TrackerSpec",
+    "EngineSpec", "ExplorerSpec", "FieldSpec", "LossSpec", "OracleSpec", "SelectorSpec", "TrackerSpec",
     "UQHeadSpec", "DEFAULT_PLUGINS", "PluginLoadWarning", "Registry", "make_plugin_manager",
     "make_registry",
-    # data
+    # data: structures, labels, fields, graphs, batches
     "Labels", "Metadata", "attach_labels", "get_labels", "get_metadata", "validate_structure",
-    "GraphDataset", "atoms_to_graph", "collate", "iterate_batches", "neighbor_list",
-    # models
-    "Backbone", "Potential", "fit_normalization", "build_potential", "load_model",
-    "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",
-    # training
-    "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "TorchEngine", "TrainResult", "TrainSettings",
-    "RunConfig", "config_from_dict", "load_config", "evaluate", "parity_plot",
+    "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "atoms_to_graph",
+    "collate", "replicate_batch", "split_batch", "iterate_batches", "neighbor_list",
+    # models: backbones, the Potential, model files, calculator
+    "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "scatter_sum", "fit_normalization",
+    "build_potential", "load_model", "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",
+    # losses and physics
+    "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "model_curl", "random_rotations", "rotate_batch",
+    # training: the loop, backends, config
+    "Trainer", "TrainSettings", "TrainResult", "EpochRecord", "Callback", "TrainingBackend", "TorchBackend",
+    "Step", "resolve_device", "autocast_context", "cast_outputs", "make_optimizer", "make_scheduler",
+    "has_checkpoint", "read_training_state", "RunConfig", "SourceConfig", "config_from_dict", "load_config",
+    "apply_overrides", "read_yaml", "check_config", "train", "TrainOutcome",
+    # evaluation, metrics, plots
+    "evaluate", "evaluate_uncertainty", "uncertainty_metrics", "ErrorAccumulator", "UQAccumulator",
+    "parity_plot", "calibration_plot", "error_vs_uncertainty_plot", "pyplot", "save_figure",
     # uncertainty
-    "UQHead", "UQFitContext", "calibrate", "evaluate_uncertainty",
-    # oracles, tracking
-    "CalculatorOracle", "Oracle", "OracleFailure", "OracleTimeout", "LabelResult", "label_safely", "Tracker",
+    "UQHead", "UQFitContext", "calibrate", "member_statistics",
+    # oracles, exploration, selection
+    "CalculatorOracle", "Oracle", "OracleFailure", "OracleTimeout", "LabelResult", "label_safely",
+    "Explorer", "Selector", "Candidate", "Selection", "uncertainty_of", "structure_hash", "min_distance_ratio",
+    "unphysical_reason", "UncertaintyFlagger", "read_candidates",
+    # tracking and files
+    "Tracker", "TrackerCallback", "flatten", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json",
 ]

@@ -50,10 +50,6 @@ def _launch(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     env = dict(os.environ)
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "atomforge", *argv]
     print("launching: " + " ".join(command), file=sys.stderr)
@@ -118,27 +114,30 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--source", default="ase", help="data-source plugin used to read DATA")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (errors and UQ metrics; "
+                        "physics metrics run on the CPU)")
     _physics_arguments(parser)
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
-        from .evaluate import evaluate
+        from .backends import resolve_device
+        from .evaluate import evaluate, uncertainty_metrics
         from .modelfile import load_model
 
-        model = load_model(args.model, registry=registry)
+        device = resolve_device(args.device)
+        model = load_model(args.model, registry=registry).to(device)
         reader = registry.get(PluginKind.DATA_SOURCE, args.source).factory
         report = {}
         for path in args.data:
             structures = reader({"path": str(path)}, Path.cwd())
-            report[str(path)] = {"n_structures": len(structures),
-                                 **evaluate(model, structures, batch_size=args.batch_size).metrics()}
+            report[str(path)] = {"n_structures": len(structures), **evaluate(
+                model, structures, batch_size=args.batch_size, fields=registry.fields).metrics()}
             if hasattr(model, "calibration"):  # a UQ head: spread vs error too
-                from .uncertainty import uncertainty_metrics
-
                 report[str(path)].update(uncertainty_metrics(model, structures, batch_size=args.batch_size))
             if args.physics:  # rotation error, curl, NVE drift, MD stability (docs/physics.md)
                 from .physics import physics_metrics
 
-                report[str(path)].update(physics_metrics(model, structures, _physics_settings(args)))
+                report[str(path)].update(physics_metrics(model.to("cpu"), structures, _physics_settings(args)))
+                model.to(device)
         if args.json:
             print(json.dumps(report, indent=2))
         else:
@@ -160,6 +159,7 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--out", type=Path, default=Path("traj.extxyz"))
     parser.add_argument("--interval", type=int, default=10, help="write every N-th step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | auto")
     group = parser.add_argument_group("flagging uncertain configurations (UQ models; docs/active_learning.md)")
     group.add_argument("--flag-uncertain", type=float, metavar="LEVEL",
                        help="append every step whose max force std is ≥ LEVEL (eV/Å) to the candidates file")
@@ -179,7 +179,7 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
             raise ConfigError("--candidates needs --flag-uncertain LEVEL (the trust level, max force std in eV/Å)")
         candidates = (args.candidates or Path("candidates.extxyz")) if args.flag_uncertain is not None else None
         calculator = load_calculator(args.model, registry=registry, flag_uncertain=args.flag_uncertain,
-                                     candidates=candidates)
+                                     candidates=candidates, device=args.device)
         atoms = ase.io.read(args.structure, index=-1)
         summary = run_md(atoms, calculator, steps=args.steps,
                          temperature=args.temperature, ensemble=args.ensemble,

@@ -35,6 +35,7 @@ class PluginKind(str, enum.Enum):
     TRACKER = "trackers"
     ENGINE = "engines"
     COMMAND = "commands"
+    FIELD = "fields"
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,15 @@ class TrackerSpec(_Spec):
 
 @dataclass(frozen=True)
 class EngineSpec(_Spec):
-    """A training engine.
+    """A training engine: the backend the one training loop calls.
 
-    ``factory(*, model, loss, optimizer, scheduler, settings, callbacks, checkpoint_path[, options])
-    -> Engine`` (see :class:`atomforge.training.Engine` and :class:`atomforge.training.TrainSettings`).
-    An engine whose config block is a top-level section named like the engine (``deepspeed:``)
-    gets it as ``options``; ``check_options(options)``, if given, validates that block before any
-    data is read. ``distributed`` engines may run under a launcher with several processes.
+    ``factory(*, options: Mapping[str, Any] | None, settings: TrainSettings) -> TrainingBackend``
+    (see :class:`atomforge.TrainingBackend`). ``options`` is the engine's own config block: the
+    top-level section named like the engine (``deepspeed:`` for ``training.engine: deepspeed``),
+    ``None`` when absent. ``check_options(options)``, if given, validates that block before any
+    data is read (raise :class:`atomforge.ConfigError`). ``distributed`` engines may run under a
+    launcher with several processes (``atomforge train --nproc N``; campaigns run them as
+    supervised jobs); the factory of one joins the launcher's process group.
     """
 
     check_options: Callable[[Any], Any] | None = None

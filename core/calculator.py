@@ -16,7 +16,9 @@ from . import keys as K
 from ._errors import ConfigError
 from .data import check_geometry
 from .flagging import UncertaintyFlagger
-from .graph import atoms_to_graph, collate
+from .backends import resolve_device
+from .fields import FieldTable, collate
+from .graph import atoms_to_graph
 from .potential import Potential
 
 __all__ = ["AtomforgeCalculator", "UNCERTAINTY_PROPERTIES", "load_calculator"]
@@ -53,13 +55,15 @@ class AtomforgeCalculator(Calculator):
         dtype: torch.dtype | None = None,
         flag_uncertain: float | None = None,
         candidates: str | Path | None = None,
+        fields: FieldTable | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         model = copy.deepcopy(model).eval()
         if dtype is not None:
             model = model.to(dtype)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.fields = fields  # batch fields (the registry's, so plugin fields are read from atoms)
         self.model = model.to(self.device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -76,8 +80,8 @@ class AtomforgeCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties or ["energy"], system_changes)
         check_geometry(self.atoms)
-        graph = atoms_to_graph(self.atoms, self.model.cutoff, dtype=self.dtype)
-        batch = {k: v.to(self.device) for k, v in collate([graph]).items()}
+        graph = atoms_to_graph(self.atoms, self.model.cutoff, dtype=self.dtype, fields=self.fields)
+        batch = {k: v.to(self.device) for k, v in collate([graph], self.fields).items()}
         want_stress = bool(np.all(self.atoms.pbc))
         out = self.model(batch, compute_forces=True, compute_stress=want_stress)
         energy = float(out[K.ENERGY].detach().cpu()[0])
@@ -124,15 +128,18 @@ def load_calculator(
     path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, registry: Any = None,
     flag_uncertain: float | None = None, candidates: str | Path | None = None,
 ) -> AtomforgeCalculator:
-    """An ASE calculator for the model file at ``path``.
+    """An ASE calculator for the model file at ``path``, on ``device`` (``cpu``, ``cuda``,
+    ``cuda:N`` or ``auto``).
 
     ``flag_uncertain`` (eV/Å) and ``candidates`` (extxyz path) switch on flagging (see
     :class:`AtomforgeCalculator`); flagged frames record the model file as ``info['source']``.
     """
     from .modelfile import load_model
+    from .registry import make_registry
 
+    registry = registry or make_registry()
     calculator = AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype,
-                                     flag_uncertain=flag_uncertain, candidates=candidates)
+                                     flag_uncertain=flag_uncertain, candidates=candidates, fields=registry.fields)
     if calculator.flagger is not None:
         calculator.flagger.source = str(Path(path).resolve())
     return calculator

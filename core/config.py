@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ._errors import ConfigError
+from .optim import SCHEDULERS
 
 __all__ = [
     "SourceConfig",
@@ -91,6 +92,8 @@ class TrainingConfig:
     ema_decay: float | None = 0.99  # EMA decay of weights; null disables
     patience: int | None = None  # early stopping patience in epochs; null disables
     num_threads: int | None = None  # torch intra-op threads; null keeps torch's default
+    device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -139,13 +142,20 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     uq: UQConfig | None = None  # optional uncertainty head (docs/uq.md)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # physics metrics
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # options of training.engine: deepspeed
+    engine_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # top-level blocks named like engines
     base_dir: Path = Path(".")  # folder of the config file; data sources resolve paths against it
 
+    @property
+    def engine_options(self) -> dict[str, Any] | None:
+        """The options block of ``training.engine`` (``deepspeed:`` for deepspeed), if given."""
+        return self.engine_blocks.get(self.training.engine)
+
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain YAML-able data (inverse of :func:`config_from_dict`)."""
+        """The resolved config as plain YAML-able data (inverse of :func:`config_from_dict`); the
+        engines' options blocks go back under their names."""
         out = _plain(self)
         out.pop("base_dir")
+        out.update(out.pop("engine_blocks"))
         return out
 
 
@@ -234,7 +244,7 @@ def _simple(cls: type, data: Mapping[str, Any], where: str, *, open_options: boo
     return cls(**data)
 
 
-SCHEDULERS = ("plateau", "cosine", "cosine_time", "exponential", "none")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _coerce(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
@@ -272,6 +282,13 @@ def _training(data: Mapping[str, Any]) -> TrainingConfig:
     if sched.name not in SCHEDULERS:
         raise ConfigError(f"training.scheduler.name: unknown scheduler {sched.name!r}; valid: {', '.join(SCHEDULERS)}")
     config = TrainingConfig(**data, scheduler=sched)
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"training.precision: expected one of {', '.join(PRECISIONS)}; got {config.precision!r}")
+    if not isinstance(config.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device.strip().lower()):
+        raise ConfigError(f"training.device: expected auto, cpu, cuda or cuda:N; got {config.device!r}")
+    if not isinstance(config.engine, str) or not config.engine:
+        raise ConfigError(f"training.engine: expected the name of an engine plugin (torch, deepspeed, …); "
+                          f"got {config.engine!r}")
     if sched.name == "cosine_time" and not config.max_time:
         raise ConfigError("training.scheduler cosine_time decays the LR over training.max_time; set max_time")
     if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:
@@ -298,7 +315,8 @@ def _loss(value: Any) -> tuple[LossTermConfig, ...]:
     return tuple(terms)
 
 
-_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation", "deepspeed")
+_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation")
+CONFIG_SECTIONS = _TOP  # the top-level sections; any other key must be an engine's options block
 
 
 def _uq(value: Any) -> UQConfig | None:
@@ -343,7 +361,11 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     """Build a :class:`RunConfig` from plain data; relative paths resolve against ``base_dir``."""
     base_dir = Path(base_dir).resolve()
     raw = _mapping(raw, "config")
-    _check_keys(raw, _TOP, "config")
+    blocks = {key: value for key, value in raw.items() if key not in _TOP}
+    not_blocks = sorted(key for key, value in blocks.items() if not isinstance(value, Mapping))
+    if not_blocks:
+        raise ConfigError(f"config: unknown key(s) {not_blocks}; valid keys: {sorted(_TOP)}, plus options blocks "
+                          "named like an engine (e.g. `deepspeed:` for training.engine: deepspeed)")
     data = _mapping(raw.get("data"), "data")
     _check_keys(data, ("train", "valid", "valid_fraction", "test"), "data")
     if "train" not in data:
@@ -371,7 +393,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
         uq=_uq(raw.get("uq")),
         evaluation=_evaluation(raw.get("evaluation")),
-        deepspeed=_mapping(raw.get("deepspeed"), "deepspeed"),
+        engine_blocks={key: dict(value) for key, value in blocks.items()},
         base_dir=base_dir,
     )
 

@@ -97,15 +97,17 @@ def _as_energy(value: object) -> float:
 
 def get_metadata(atoms: Atoms) -> Metadata:
     """Charge, spin, fidelity and weight from ``atoms.info`` (defaults where absent; the charge
-    defaults to the sum of ASE's per-atom initial charges, which is how an ASE db stores it)."""
-    info = atoms.info
-    default_charge = float(atoms.arrays["initial_charges"].sum()) if "initial_charges" in atoms.arrays else 0.0
-    return Metadata(
-        charge=float(info.get("charge", default_charge)),
-        spin=float(info.get("spin", 0.0)),
-        fidelity=int(info.get("fidelity", 0)),
-        weight=float(info.get("weight", 1.0)),
-    )
+    defaults to the sum of ASE's per-atom initial charges, which is how an ASE db stores it).
+    Read by the same field readers that put them into graphs (:data:`atomforge.fields.DEFAULT_FIELDS`)."""
+    from .fields import DEFAULT_FIELDS
+
+    def value(key: str) -> object:
+        spec = DEFAULT_FIELDS[key]
+        read = spec.read(atoms) if spec.read is not None else None
+        return spec.default if read is None else read
+
+    return Metadata(charge=float(value("charge")), spin=float(value("spin")), fidelity=int(value("fidelity")),
+                    weight=float(value("weight")))
 
 
 def attach_labels(

@@ -21,7 +21,7 @@ from .calculator import load_calculator
 from .config import config_from_dict
 from .md import run_md
 from .registry import Registry
-from .workflow import train
+from .workflow import has_checkpoint, train
 
 __all__ = ["make_cu_data", "run_demo"]
 
@@ -81,7 +81,7 @@ def run_demo(registry: Registry, out: Path, *, quick: bool = False, tracking: st
     }
     (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"[2/4] training PaiNN (config: {out / 'config.yaml'}) ...", file=sys.stderr)
-    resume = (out / "run" / "checkpoint.pt").exists()
+    resume = has_checkpoint(out / "run")
     outcome = train(config_from_dict(raw, out), registry, resume=resume)
     print(f"[3/4] test errors: " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.test_metrics.items()
                                                if k.startswith("test_")), file=sys.stderr)

@@ -51,12 +51,12 @@ def is_launched() -> bool:
 
 def init_from_env(backend: str | None = None) -> None:
     """Join the launcher's process group (``gloo`` on CPU, ``nccl`` with CUDA) if this process was
-    launched with ``WORLD_SIZE`` > 1 and has not joined yet; otherwise nothing."""
+    launched with ``WORLD_SIZE`` > 1 and has not joined yet; otherwise nothing. (A distributed
+    engine's backend usually joins first, with the communication backend it needs.)"""
     if not is_launched() or dist.is_initialized():
         return
     if backend is None:
-        cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-        backend = "nccl" if cuda else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
 
 

@@ -1,64 +1,77 @@
-"""Evaluation of a model on labelled structures, and parity plots."""
+"""Evaluation of a model on labelled structures: errors, and predicted uncertainty against error."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from ase import Atoms
 
+from .fields import FieldTable
 from .graph import GraphDataset, iterate_batches
-from .metrics import ErrorAccumulator
+from .metrics import ErrorAccumulator, UQAccumulator
 from .potential import Potential
 
-__all__ = ["evaluate", "parity_plot"]
+__all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_dataset", "predicted_batches", "model_dtype",
+           "model_device"]
 
 
-def evaluate(
-    model: Potential, structures: Sequence[Atoms] | GraphDataset, *, batch_size: int = 32
-) -> ErrorAccumulator:
-    """Predict every structure and accumulate errors against the labels it carries."""
-    dataset = structures if isinstance(structures, GraphDataset) else GraphDataset(
-        structures, model.cutoff, dtype=_dtype(model)
-    )
-    model.eval()
-    acc = ErrorAccumulator()
-    want_stress = all(bool(np.all(a.pbc)) for a in dataset.structures)
-    for batch in iterate_batches(dataset, batch_size):
-        outputs = model(batch, compute_forces=True, compute_stress=want_stress)
-        acc.add(batch, {k: v.detach() for k, v in outputs.items()})
-    return acc
+def as_dataset(model: torch.nn.Module, structures: Sequence[Atoms] | GraphDataset,
+               fields: FieldTable | None = None) -> GraphDataset:
+    """``structures`` as graphs with the model's cutoff and dtype (a dataset is passed through)."""
+    if isinstance(structures, GraphDataset):
+        return structures
+    return GraphDataset(list(structures), model.cutoff, dtype=model_dtype(model), fields=fields)
 
 
-def _dtype(model: torch.nn.Module) -> torch.dtype:
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def parity_plot(acc: ErrorAccumulator, path: Path | str, *, title: str = "") -> Path:
-    """Predicted vs reference energy per atom and force components, as a PNG."""
-    import matplotlib
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (batches are moved there, once each)."""
+    return next(p.device for p in model.parameters())
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = [(n, u) for n, u in (("energy_per_atom", "eV/atom"), ("forces", "eV/Å"),
-                                   ("stress", "eV/Å³")) if n in acc.pairs]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for ax, (name, unit) in zip(axes[0], panels):
-        pred, ref = acc.arrays(name)
-        lo, hi = float(min(pred.min(), ref.min())), float(max(pred.max(), ref.max()))
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
-        ax.scatter(ref, pred, s=3, alpha=0.5)
-        mae = np.abs(pred - ref).mean() * 1000
-        ax.set_title(f"{name}  MAE {mae:.2f} m{unit}")
-        ax.set_xlabel(f"reference ({unit})")
-        ax.set_ylabel(f"predicted ({unit})")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def predicted_batches(model: torch.nn.Module, dataset: GraphDataset, batch_size: int, *,
+                      compute_stress: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """``(batch, outputs)`` for every batch of ``dataset`` (eval mode, on the model's device;
+    outputs detached)."""
+    model.eval()
+    device = model_device(model)
+    for batch in iterate_batches(dataset, batch_size):
+        if device.type != "cpu":
+            batch = {k: v.to(device) for k, v in batch.items()}
+        outputs = model(batch, compute_forces=True, compute_stress=compute_stress)
+        yield batch, {k: v.detach() for k, v in outputs.items()}
+
+
+def evaluate(
+    model: Potential, structures: Sequence[Atoms] | GraphDataset, *, batch_size: int = 32,
+    fields: FieldTable | None = None,
+) -> ErrorAccumulator:
+    """Predict every structure (on the model's device) and accumulate errors against the labels
+    it carries."""
+    dataset = as_dataset(model, structures, fields)
+    acc = ErrorAccumulator()
+    want_stress = all(bool(np.all(a.pbc)) for a in dataset.structures)
+    for batch, outputs in predicted_batches(model, dataset, batch_size, compute_stress=want_stress):
+        acc.add(batch, outputs)
+    return acc
+
+
+def evaluate_uncertainty(model: torch.nn.Module, structures: Sequence[Atoms] | GraphDataset, *,
+                         batch_size: int = 32, fields: FieldTable | None = None) -> UQAccumulator:
+    """Predict with a UQ head and accumulate errors against predicted stds."""
+    acc = UQAccumulator()
+    for batch, outputs in predicted_batches(model, as_dataset(model, structures, fields), batch_size):
+        acc.add(batch, outputs)
+    return acc
+
+
+def uncertainty_metrics(model: torch.nn.Module, structures: Any, *, batch_size: int = 32) -> dict[str, float]:
+    """``uq_``-prefixed :meth:`UQAccumulator.metrics` of a UQ head on labelled ``ase.Atoms``."""
+    metrics = evaluate_uncertainty(model, list(structures), batch_size=batch_size).metrics()
+    return {f"uq_{k}": v for k, v in metrics.items()}

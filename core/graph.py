@@ -1,7 +1,8 @@
 """Model side of the data model: neighbour lists (vesin), graphs and batches of tensors.
 
 A *graph* is the ``dict[str, Tensor]`` of one structure; a *batch* concatenates graphs along
-atoms and edges with an index vector (:data:`keys.BATCH`), never padding.
+atoms and edges with an index vector (:data:`keys.BATCH`), never padding. How each key is
+batched is declared once in the field table (:mod:`atomforge.fields`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from vesin import NeighborList
 
 from . import keys as K
 from ._errors import DataValidationError
-from .data import MIN_DISTANCE, Labels, get_metadata, validate_structure
+from .data import MIN_DISTANCE, Labels, validate_structure
+from .fields import DEFAULT_FIELDS, FieldTable, collate, read_fields
 
 __all__ = [
     "neighbor_list",
@@ -61,11 +63,13 @@ def atoms_to_graph(
     dtype: torch.dtype = torch.float32,
     labels: Labels | None = None,
     where: str = "structure",
+    fields: FieldTable | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Build one structure's graph, with its labels and metadata where present."""
+    """Build one structure's graph: geometry and neighbour list, its labels where present, and
+    every field of ``fields`` (default :data:`~atomforge.fields.DEFAULT_FIELDS`) that reads
+    itself from ``ase.Atoms`` (metadata such as charge and spin, plugin fields)."""
     i, j, shifts, dist = neighbor_list(atoms, cutoff)
     _check_contacts(i, j, dist, where)
-    meta = get_metadata(atoms)
     graph = {
         K.POSITIONS: torch.as_tensor(atoms.positions, dtype=dtype),
         K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
@@ -74,11 +78,8 @@ def atoms_to_graph(
         K.N_ATOMS: torch.tensor([len(atoms)], dtype=torch.long),
         K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
         K.SHIFTS: torch.as_tensor(shifts, dtype=dtype),
-        K.CHARGE: torch.tensor([meta.charge], dtype=dtype),
-        K.SPIN: torch.tensor([meta.spin], dtype=dtype),
-        K.FIDELITY: torch.tensor([meta.fidelity], dtype=torch.long),
-        K.WEIGHT: torch.tensor([meta.weight], dtype=dtype),
     }
+    graph.update(read_fields(atoms, DEFAULT_FIELDS if fields is None else fields, dtype=dtype, where=where))
     if labels is not None:
         if labels.energy is not None:
             graph[K.ENERGY] = torch.tensor([labels.energy], dtype=dtype)
@@ -87,33 +88,6 @@ def atoms_to_graph(
         if labels.stress is not None:
             graph[K.STRESS] = torch.as_tensor(labels.stress, dtype=dtype).reshape(1, 3, 3)
     return graph
-
-
-_PER_ATOM = (K.POSITIONS, K.NUMBERS, K.FORCES)
-_PER_EDGE = (K.SHIFTS,)
-
-
-def collate(graphs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate graphs into one batch; edge indices are offset, ``batch`` indexes structures.
-
-    Labels are batched only when every graph carries them.
-    """
-    if len(graphs) == 1:
-        out = dict(graphs[0])
-        out[K.BATCH] = torch.zeros(int(out[K.N_ATOMS][0]), dtype=torch.long)
-        return out
-    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
-    offsets = torch.cumsum(n_atoms, 0) - n_atoms
-    out: dict[str, torch.Tensor] = {
-        K.N_ATOMS: n_atoms,
-        K.BATCH: torch.repeat_interleave(torch.arange(len(graphs)), n_atoms),
-        K.EDGE_INDEX: torch.cat([g[K.EDGE_INDEX] + o for g, o in zip(graphs, offsets.tolist())], 1),
-    }
-    for key in graphs[0]:
-        if key in out or not all(key in g for g in graphs):
-            continue
-        out[key] = torch.cat([g[key] for g in graphs], 0)
-    return out
 
 
 class GraphDataset:
@@ -127,16 +101,19 @@ class GraphDataset:
         dtype: torch.dtype = torch.float32,
         require: Sequence[str] = (),
         source: str = "",
+        fields: FieldTable | None = None,
     ) -> None:
         if len(structures) == 0:
             raise DataValidationError(f"data set {source!r} is empty; expected ≥ 1 structure.")
         self.structures = list(structures)
         self.cutoff = float(cutoff)
+        self.fields = DEFAULT_FIELDS if fields is None else fields  # how the graphs' keys are batched
         self.graphs: list[dict[str, torch.Tensor]] = []
         for index, atoms in enumerate(self.structures):
             where = f"structure {index}" + (f" of {source}" if source else "")
             labels = validate_structure(atoms, require=require, index=index, source=source)
-            self.graphs.append(atoms_to_graph(atoms, cutoff, dtype=dtype, labels=labels, where=where))
+            self.graphs.append(atoms_to_graph(atoms, cutoff, dtype=dtype, labels=labels, where=where,
+                                              fields=self.fields))
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -157,4 +134,4 @@ def iterate_batches(
     n = len(dataset)
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
     for start in range(0, n, batch_size):
-        yield collate([dataset.graphs[k] for k in order[start : start + batch_size]])
+        yield collate([dataset.graphs[k] for k in order[start : start + batch_size]], dataset.fields)

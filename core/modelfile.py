@@ -17,7 +17,7 @@ from ._errors import ModelFileError, PluginError
 from ._specs import PluginKind
 from .potential import Potential
 from .registry import Registry, make_registry
-from .training import atomic_save
+from ._io import atomic_save
 
 __all__ = [
     "FORMAT", "VERSION", "build_model", "build_potential", "save_model", "load_model", "read_model_file",

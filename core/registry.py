@@ -21,6 +21,7 @@ import pluggy
 from . import hookspecs
 from ._errors import DuplicatePluginError, PluginError, UnknownPluginError
 from ._specs import PluginKind, Spec
+from .fields import DEFAULT_FIELDS, FieldSpec, FieldTable
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -156,6 +157,7 @@ class Registry:
 
     pm: PluginManager
     _entries: dict[PluginKind, dict[str, list[Provided]]] = field(default_factory=dict)
+    _fields: FieldTable | None = None
 
     @classmethod
     def from_manager(cls, pm: PluginManager) -> "Registry":
@@ -179,9 +181,9 @@ class Registry:
             staged: list[Provided] = []
 
             def register(spec: Spec, _staged: list[Provided] = staged) -> None:
-                if not isinstance(spec, Spec) or spec.kind is not kind:
+                if not isinstance(spec, (Spec, FieldSpec)) or spec.kind is not kind:
                     raise PluginError(
-                        f"register_{kind.value} expects a {kind.name.title()}Spec record, "
+                        f"register_{kind.value} expects a {_record_name(kind)} record, "
                         f"got {type(spec).__name__}"
                     )
                 _staged.append(Provided(spec, plugin, dist))
@@ -195,6 +197,16 @@ class Registry:
                 found.setdefault(provided.spec.name, []).append(provided)
         return found
 
+    @property
+    def fields(self) -> FieldTable:
+        """The batch fields: atomforge's (:data:`~atomforge.fields.DEFAULT_FIELDS`) plus every
+        plugin's (``register_fields``); a name declared twice is a :class:`PluginError`."""
+        if self._fields is None:
+            provided = self.entries(PluginKind.FIELD)
+            who = {p.spec.name: f"plugin {p.plugin!r} (distribution {p.distribution!r})" for p in provided}
+            self._fields = DEFAULT_FIELDS.extended([p.spec for p in provided], provider=who)
+        return self._fields
+
     def names(self, kind: PluginKind | str) -> list[str]:
         """Sorted registry names of one kind."""
         return sorted(self._entries[PluginKind(kind)])
@@ -206,7 +218,7 @@ class Registry:
 
     @staticmethod
     def _singular(kind: PluginKind) -> str:
-        return {"losses": "loss", "uq_heads": "UQ head", "data_sources": "data source"}.get(
+        return {"losses": "loss", "uq_heads": "UQ head", "data_sources": "data source", "fields": "field"}.get(
             kind.value, kind.value[:-1])
 
     def provided(self, kind: PluginKind | str, name: str) -> Provided:
@@ -230,6 +242,12 @@ class Registry:
     def get(self, kind: PluginKind | str, name: str) -> Any:
         """The spec registered under ``name`` (see :meth:`provided` for the errors)."""
         return self.provided(kind, name).spec
+
+
+def _record_name(kind: PluginKind) -> str:
+    """The spec record class a hook of ``kind`` takes, e.g. ``UQHeadSpec``."""
+    return {PluginKind.UQ_HEAD: "UQHeadSpec", PluginKind.DATA_SOURCE: "DataSourceSpec",
+            PluginKind.LOSS: "LossSpec"}.get(kind, kind.name.title().replace("_", "") + "Spec")
 
 
 def make_registry(pm: PluginManager | None = None, **manager_options: Any) -> Registry:

@@ -1,57 +1,87 @@
-"""The single-process training engine and its callbacks.
+"""The training loop, written once; engines are backends it calls.
 
-The engine is deliberately small: the model, the loss, the optimiser, the LR scheduler and the
-callbacks are injected; it only runs epochs, keeps EMA weights, clips gradients, validates,
-stops (``max_epochs``, ``max_time``, early stopping) and checkpoints atomically each epoch so
-that a resumed run continues exactly where the killed one left off. Engines are plugins
-(:func:`atomforge.hookspecs.register_engines`); a sharded engine (DeepSpeed) implements the same
-:class:`Engine` protocol.
+:class:`Trainer` runs epochs: it shuffles with a per-epoch seed, asks the backend
+(:class:`atomforge.TrainingBackend`) for this process's steps, augments each training batch
+through the loss, lets the backend step, keeps an EMA of the weights, validates with the EMA
+weights, steps the LR schedule, keeps the best weights, stops (``max_epochs``, ``max_time``,
+early stopping), calls callbacks and checkpoints atomically after every epoch so that a killed
+run resumes exactly. None of that is repeated in any engine: the ``torch`` backend and the
+``deepspeed`` backend differ only in the step, the collectives, the state they save and the
+export.
+
+Checkpoint layout (``checkpoint_dir``, ``<run>/checkpoint`` for ``atomforge train``)::
+
+    checkpoint/
+      latest             # name of the newest complete epoch folder; written last (the commit)
+      epoch<N>/
+        trainer.pt       # the loop's state: epoch, elapsed time, history, best loss, scheduler, …
+        rank<r>.pt       # per process: EMA and best weights (its own copy), torch RNG state
+        …                # the backend's files (torch: backend.pt with model + optimiser)
+
+The two newest epoch folders are kept.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
-from torch.optim.swa_utils import AveragedModel
+from torch import nn
 
 from . import keys as K
-from .graph import GraphDataset, iterate_batches
+from ._errors import ConfigError
+from ._io import atomic_save, write_text_atomic
+from .backends import TrainingBackend
+from .fields import collate
+from .graph import GraphDataset
 from .losses import CompositeLoss
 from .metrics import ErrorAccumulator
 
 __all__ = [
-    "TrainSettings",
-    "EpochRecord",
-    "TrainResult",
-    "Callback",
-    "Engine",
-    "TorchEngine",
-    "atomic_save",
-    "make_optimizer",
-    "make_scheduler",
+    "TrainSettings", "EpochRecord", "TrainResult", "Callback", "Trainer", "ExponentialMovingAverage",
+    "epoch_seed", "augment_seed", "read_training_state", "has_checkpoint", "CHECKPOINT_DIR",
 ]
+
+CHECKPOINT_DIR = "checkpoint"
+LATEST = "latest"
+TRAINER_FILE = "trainer.pt"
+SCHEMA = 2  # version of the checkpoint layout above
+_KEEP = 2  # epoch folders kept
+_SEED_STRIDE = 100_003  # epoch e of seed s shuffles with s * _SEED_STRIDE + e
+_AUGMENT_OFFSET = 7_919_000_003  # the augmentation generator's seed is offset from the shuffling one
+_RANK_STRIDE = 7_919  # … and from rank to rank
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s shuffling order (the same on every process)."""
+    return seed * _SEED_STRIDE + epoch
+
+
+def augment_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of the data-augmentation generator of one epoch on one process."""
+    return epoch_seed(seed, epoch) + _AUGMENT_OFFSET + _RANK_STRIDE * rank
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What the engine needs to know besides the injected objects."""
+    """What the loop (and the backend) needs to know besides the injected objects."""
 
     max_epochs: int = 100  # hard limit on epochs
     max_time: float | None = None  # wall-clock limit in seconds (accumulated across resumes)
-    batch_size: int = 8  # structures per training step
-    valid_batch_size: int = 32  # structures per validation step
+    batch_size: int = 8  # structures per optimiser step (all processes together)
+    valid_batch_size: int = 32  # structures per validation batch
     seed: int = 0  # seeds initialisation and the shuffling of each epoch
     grad_clip: float | None = 10.0  # max gradient norm; None disables clipping
     ema_decay: float | None = 0.99  # EMA of weights used for validation and export; None = off
     patience: int | None = None  # early stopping after this many epochs without improvement
     compute_stress: bool = False  # whether the loss needs stress
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (backends that place the model themselves)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
 
 
 @dataclass(frozen=True)
@@ -65,12 +95,12 @@ class EpochRecord:
     valid_metrics: dict[str, float]
     elapsed: float
     steps: int
-    train_metrics: dict[str, float] = field(default_factory=dict)  # engine extras, e.g. load_imbalance
+    train_metrics: dict[str, float] = field(default_factory=dict)  # backend measurements, e.g. load_imbalance
 
 
 @dataclass
 class TrainResult:
-    """Outcome of :meth:`Engine.fit`."""
+    """Outcome of :meth:`Trainer.fit`."""
 
     epochs: int
     best_epoch: int
@@ -81,257 +111,174 @@ class TrainResult:
 
 
 class Callback(Protocol):
-    """Hooks called by an engine; every method is optional (``on_epoch_end``, ``on_train_end``)."""
+    """Called by the loop; every method is optional (``on_epoch_end``, ``on_train_end``).
+    Resumable callback state goes into ``trainer.extra_state`` (checkpointed)."""
 
-    def on_epoch_end(self, engine: "TorchEngine", record: EpochRecord) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", record: EpochRecord) -> None: ...
 
-    def on_train_end(self, engine: "TorchEngine", result: TrainResult) -> None: ...
-
-
-class Engine(Protocol):
-    """What every training engine provides."""
-
-    model: torch.nn.Module
-
-    def fit(self, train: GraphDataset, valid: GraphDataset, *, resume: bool = False) -> TrainResult:
-        """Train; with ``resume`` continue from the engine's last checkpoint if there is one."""
-        ...
-
-    def export_model(self) -> torch.nn.Module:
-        """The model to deploy (best EMA weights), on CPU."""
-        ...
+    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None: ...
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+class ExponentialMovingAverage:
+    """EMA of a list of tensors with the usual warm-up: after ``n`` updates the decay is
+    ``min(decay, (1 + n) / (10 + n))``; the first update copies."""
 
-
-def warmup_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
-    """EMA update with the usual warm-up: the decay is ``min(decay, (1 + n) / (10 + n))`` after
-    ``n`` updates, so the average does not lag far behind a young model."""
+    def __init__(self, decay: float) -> None:
+        self.decay = float(decay)
+        self.tensors: list[torch.Tensor] | None = None
+        self.updates = 0
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():
-                a.copy_(c)
-
-    return update
-
-
-def make_optimizer(
-    model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, amsgrad: bool = True
-) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases, norms and embeddings."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or "embedding" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, amsgrad=amsgrad)
-
-
-class TimeCosineLR:
-    """Cosine decay of the LR over the wall-clock budget ``max_time`` (for fixed-time training).
-
-    ``update_time(elapsed)`` sets ``lr = min_lr + (base - min_lr) * (1 + cos(pi * elapsed / max_time)) / 2``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, max_time: float, min_lr: float) -> None:
-        self.optimizer = optimizer
-        self.max_time = float(max_time)
-        self.min_lr = float(min_lr)
-        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-
-    def update_time(self, elapsed: float) -> None:
-        progress = min(1.0, max(0.0, elapsed / self.max_time))
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def update(self, current: Sequence[torch.Tensor]) -> None:
+        if self.tensors is None:
+            self.tensors = [t.detach().clone() for t in current]
+        else:
+            n = float(self.updates)
+            d = min(self.decay, (1.0 + n) / (10.0 + n))
+            torch._foreach_lerp_(self.tensors, [t.detach() for t in current], 1.0 - d)
+        self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"base_lrs": self.base_lrs}
+        return {"tensors": self.tensors, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_lrs = list(state["base_lrs"])
+        self.tensors, self.updates = state["tensors"], int(state["updates"])
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, *, max_epochs: int, factor: float = 0.5,
-    patience: int = 10, min_lr: float = 1e-6, gamma: float = 0.99, max_time: float | None = None,
-) -> Any:
-    """``plateau`` (on the validation loss), ``cosine`` (over ``max_epochs``), ``cosine_time``
-    (over the ``max_time`` budget, updated every step), ``exponential`` (``gamma`` per epoch) or
-    ``none``."""
-    if name == "cosine_time":
-        if not max_time:
-            raise ValueError("scheduler cosine_time needs training.max_time")
-        return TimeCosineLR(optimizer, max_time=max_time, min_lr=min_lr)
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=factor, patience=patience, min_lr=min_lr
-        )
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=min_lr)
-    if name == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
-    if name == "none":
-        return None
-    raise ValueError(f"unknown scheduler {name!r}; valid: plateau, cosine, exponential, none")
+class Trainer:
+    """The one training loop; see the module docstring.
 
-
-_AUGMENT_SEED = 7_919_000_003  # offsets the augmentation generator's seed from the shuffling one
-
-
-class TorchEngine:
-    """Single-process engine: one optimiser step per batch, EMA, validation, checkpoints."""
+    ``backend`` comes from an engine plugin (``training.engine``); the trainer calls its
+    :meth:`~atomforge.TrainingBackend.setup` with the model and optimiser.
+    """
 
     def __init__(
         self,
         *,
-        model: torch.nn.Module,
+        model: nn.Module,
         loss: CompositeLoss,
         optimizer: torch.optim.Optimizer,
         settings: TrainSettings,
+        backend: TrainingBackend,
         scheduler: Any = None,
         callbacks: Sequence[Any] = (),
-        checkpoint_path: Path | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
-        self.model = model
         self.loss = loss
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.settings = settings
+        self.backend = backend
         self.callbacks = list(callbacks)
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.ema = (
-            AveragedModel(model, multi_avg_fn=warmup_ema(settings.ema_decay), use_buffers=True)
-            if settings.ema_decay
-            else None
-        )
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        backend.setup(model, optimizer)
+        self.ema = ExponentialMovingAverage(settings.ema_decay) if settings.ema_decay else None
         self.epoch = 0
         self.elapsed = 0.0
         self.best_valid_loss = math.inf
         self.best_epoch = 0
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best: list[torch.Tensor] | None = None  # this process's copy of the best (EMA) weights
         self.bad_epochs = 0
         self.history: list[EpochRecord] = []
         self.extra_state: dict[str, Any] = {}  # callbacks may keep resumable state here
-        self.epoch_train_metrics: dict[str, float] = {}  # engine extras of the last epoch
 
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training exactly (weights-only serialisable)."""
-        return {
-            "epoch": self.epoch,
-            "elapsed": self.elapsed,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "best_valid_loss": self.best_valid_loss,
-            "best_epoch": self.best_epoch,
-            "best_state": self.best_state,
-            "bad_epochs": self.bad_epochs,
-            "history": [asdict(r) for r in self.history],
-            "rng": torch.get_rng_state(),
-            "extra": self.extra_state,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.model.load_state_dict(state["model"])
-        if self.ema and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = int(state["epoch"])
-        self.elapsed = float(state["elapsed"])
-        self.best_valid_loss = float(state["best_valid_loss"])
-        self.best_epoch = int(state["best_epoch"])
-        self.best_state = state["best_state"]
-        self.bad_epochs = int(state["bad_epochs"])
-        self.history = [EpochRecord(**r) for r in state["history"]]
-        torch.set_rng_state(state["rng"])
-        self.extra_state = dict(state.get("extra") or {})
-
-    def _save_checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
-            atomic_save(self.state_dict(), self.checkpoint_path)
-
-    def try_resume(self) -> bool:
-        """Load the last checkpoint if one exists; return whether it did."""
-        if self.checkpoint_path is None or not self.checkpoint_path.exists():
-            return False
-        self.load_state_dict(torch.load(self.checkpoint_path, weights_only=True))
-        return True
-
-    # -- training -------------------------------------------------------------------------------
     @property
-    def eval_model(self) -> torch.nn.Module:
-        """The weights used for validation and export: EMA if enabled."""
-        return self.ema.module if self.ema else self.model
+    def model(self) -> nn.Module:
+        """The module being trained (on the backend's device)."""
+        return self.backend.model
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def _loss_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = self.backend.forward(batch, compute_forces=K.FORCES in self.loss.outputs,
+                                       compute_stress=self.settings.compute_stress)
+        loss, _ = self.loss(batch, outputs, self.backend.model)
+        return loss
+
+    def _batches(self, dataset: GraphDataset, indices: Sequence[Sequence[int]],
+                 generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        """Collated, moved and augmented micro-batches of one step (data moved once each)."""
+        out = []
+        for chosen in indices:
+            batch = self.backend.to_device(collate([dataset.graphs[i] for i in chosen], dataset.fields))
+            out.append(self.loss.augment(batch, generator))  # data augmentation, training only
+        return out
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.settings.max_time
         return limit is not None and self.elapsed + (time.perf_counter() - started) >= limit
 
-    def _train_epoch(self, train: GraphDataset, started: float) -> tuple[float, int, bool]:
-        self.model.train()
-        generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + self.epoch)
-        augment_generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + self.epoch + _AUGMENT_SEED)
-        total, steps, timed_out = 0.0, 0, False
-        want_stress = self.settings.compute_stress
-        for batch in iterate_batches(train, self.settings.batch_size, shuffle=True, generator=generator):
-            batch = self.loss.augment(batch, augment_generator)  # data augmentation, training only
-            outputs = self.model(batch, compute_forces=K.FORCES in self.loss.outputs,
-                                 compute_stress=want_stress)
-            loss, _ = self.loss(batch, outputs, self.model)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-            self.optimizer.step()
+    def _train_epoch(self, train: GraphDataset, started: float) -> tuple[float, int, bool, dict[str, float]]:
+        self.backend.train_mode(True)
+        seed = epoch_seed(self.settings.seed, self.epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        augment = torch.Generator().manual_seed(augment_seed(self.settings.seed, self.epoch, self.backend.rank))
+        total, count, steps, timed_out = 0.0, 0, 0, False
+        measured: dict[str, list[float]] = {}
+        for step in self.backend.plan(order, train):
+            for name, value in step.metrics.items():
+                measured.setdefault(name, []).append(float(value))
+            loss_sum, micro = self.backend.step(self._batches(train, step.batches, augment), self._loss_of)
+            total, count, steps = total + loss_sum, count + micro, steps + 1
             if hasattr(self.scheduler, "update_time"):
                 self.scheduler.update_time(self.elapsed + time.perf_counter() - started)
-            if self.ema:
-                self.ema.update_parameters(self.model)
-            total += float(loss.detach())
-            steps += 1
-            if self._out_of_time(started):
+            if self.ema is not None:
+                self.ema.update(self.backend.local_tensors())
+            if self.settings.max_time is not None and self.backend.any(self._out_of_time(started)):
                 timed_out = True
                 break
-        return total / max(steps, 1), steps, timed_out
+        metrics = {name: sum(values) / len(values) for name, values in measured.items()}
+        return self.backend.all_reduce_mean(total / max(count, 1)), steps, timed_out, metrics
+
+    # -- validation ------------------------------------------------------------------------------
+    def _swapped(self, tensors: Sequence[torch.Tensor] | None) -> Any:
+        """Context: ``tensors`` (EMA or best weights) written into the model, restored after."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap() -> Iterator[None]:
+            if tensors is None:
+                yield
+                return
+            local = self.backend.local_tensors()
+            saved = [t.clone() for t in local]
+            with torch.no_grad():
+                torch._foreach_copy_(local, list(tensors))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(local, saved)
+
+        return swap()
 
     def validate(self, valid: GraphDataset) -> tuple[float, dict[str, float]]:
-        """Loss and error metrics of the EMA (or plain) model on ``valid``."""
-        model = self.eval_model
-        model.eval()
+        """Loss and error metrics of the EMA (or plain) weights on ``valid``; each process
+        predicts its share, the results are gathered."""
         acc = ErrorAccumulator()
         total, count = 0.0, 0
-        for batch in iterate_batches(valid, self.settings.valid_batch_size):
-            outputs = model(batch, compute_forces=True, compute_stress=self.settings.compute_stress)
-            loss, _ = self.loss(batch, outputs, model)
-            n = int(batch[K.N_ATOMS].shape[0])
-            total += float(loss.detach()) * n
-            count += n
-            acc.add(batch, {k: v.detach() for k, v in outputs.items()})
-        return total / count, acc.metrics()
+        mine = list(range(self.backend.rank, len(valid), self.backend.world_size))
+        size = self.settings.valid_batch_size
+        self.backend.train_mode(False)
+        with self._swapped(self.ema.tensors if self.ema else None), self.backend.evaluation():
+            for start in range(0, len(mine), size):
+                chosen = mine[start : start + size]
+                batch = self.backend.to_device(collate([valid.graphs[i] for i in chosen], valid.fields))
+                outputs = self.backend.predict(batch, compute_forces=True, compute_stress=self.settings.compute_stress)
+                loss, _ = self.loss(batch, outputs, self.backend.model)
+                n = int(batch[K.N_ATOMS].shape[0])
+                total += float(loss.detach()) * n
+                count += n
+                acc.add(batch, {k: v.detach() for k, v in outputs.items()})
+        merged, loss_sum, n_sum = ErrorAccumulator(), 0.0, 0
+        for rank_total, rank_count, pairs in self.backend.gather((total, count, acc.pairs)):
+            loss_sum, n_sum = loss_sum + rank_total, n_sum + rank_count
+            for name, (preds, refs) in pairs.items():
+                dst = merged.pairs.setdefault(name, ([], []))
+                dst[0].extend(preds)
+                dst[1].extend(refs)
+        return loss_sum / max(n_sum, 1), merged.metrics()
 
+    # -- bookkeeping -----------------------------------------------------------------------------
     def _step_scheduler(self, valid_loss: float) -> None:
         if self.scheduler is None or hasattr(self.scheduler, "update_time"):
             return
@@ -344,54 +291,141 @@ class TorchEngine:
         if valid_loss < self.best_valid_loss:
             self.best_valid_loss = valid_loss
             self.best_epoch = self.epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.eval_model.state_dict().items()}
+            current = self.ema.tensors if self.ema and self.ema.tensors is not None else self.backend.local_tensors()
+            self.best = [t.detach().clone() for t in current]
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
 
     def _stop_reason(self, timed_out: bool) -> str | None:
         s = self.settings
+        reason = None
         if timed_out or (s.max_time is not None and self.elapsed >= s.max_time):
-            return "max_time"
-        if self.epoch >= s.max_epochs:
-            return "max_epochs"
-        if s.patience is not None and self.bad_epochs >= s.patience:
-            return "early_stopping"
-        return None
+            reason = "max_time"
+        elif self.epoch >= s.max_epochs:
+            reason = "max_epochs"
+        elif s.patience is not None and self.bad_epochs >= s.patience:
+            reason = "early_stopping"
+        return self.backend.broadcast(reason)  # elapsed time differs slightly per process: rank 0 decides
 
     def fit(self, train: GraphDataset, valid: GraphDataset, *, resume: bool = False) -> TrainResult:
-        """Train until a stop criterion; checkpoint after every epoch."""
+        """Train until a stop criterion; checkpoint after every epoch; with ``resume`` continue
+        from the last checkpoint if there is one."""
         if not (resume and self.try_resume()):
             torch.manual_seed(self.settings.seed)
         reason = self._stop_reason(False)
         while reason is None:
             started = time.perf_counter()
-            train_loss, steps, timed_out = self._train_epoch(train, started)
+            train_loss, steps, timed_out, train_metrics = self._train_epoch(train, started)
             valid_loss, metrics = self.validate(valid)
             self.epoch += 1
             self.elapsed += time.perf_counter() - started
             lr = float(self.optimizer.param_groups[0]["lr"])
             self._step_scheduler(valid_loss)
             self._update_best(valid_loss)
-            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps,
-                                 dict(self.epoch_train_metrics))
+            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps, train_metrics)
             self.history.append(record)
             for callback in self.callbacks:
                 if hasattr(callback, "on_epoch_end"):
                     callback.on_epoch_end(self, record)
-            self._save_checkpoint()
+            self.save_checkpoint()
             reason = self._stop_reason(timed_out)
-        result = TrainResult(
-            self.epoch, self.best_epoch, self.best_valid_loss, reason, self.elapsed, list(self.history)
-        )
+        result = TrainResult(self.epoch, self.best_epoch, self.best_valid_loss, reason, self.elapsed, list(self.history))
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(self, result)
         return result
 
-    def export_model(self) -> torch.nn.Module:
-        """A copy of the model holding the best (EMA) weights, in eval mode."""
-        model = copy.deepcopy(self.eval_model)
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
-        return model.eval()
+    def export_model(self) -> nn.Module:
+        """The best (EMA) weights in a plain CPU module, eval mode (collective)."""
+        return self.backend.export(self.best or (self.ema.tensors if self.ema else None))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The loop's own state (shared by every process; weights-only serialisable)."""
+        return {
+            "schema": SCHEMA, "epoch": self.epoch, "elapsed": self.elapsed,
+            "best_valid_loss": self.best_valid_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "history": [asdict(r) for r in self.history],
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "extra": self.extra_state, "world_size": self.backend.world_size,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        """This process's own state: EMA and best weights over its tensors, the torch RNG."""
+        return {"ema": self.ema.state_dict() if self.ema else None, "best": self.best,
+                "rng": torch.get_rng_state(), "world_size": self.backend.world_size}
+
+    def save_checkpoint(self) -> None:
+        """Write this epoch's folder (every process its part), then ``latest`` (collective)."""
+        if self.checkpoint_dir is None:
+            return
+        main = self.backend.rank == 0
+        folder = self.checkpoint_dir / f"epoch{self.epoch}"
+        if main and folder.exists():  # left half-written by a killed run
+            shutil.rmtree(folder)
+        self.backend.barrier()
+        atomic_save(self.rank_state(), folder / f"rank{self.backend.rank}.pt")
+        if main:
+            atomic_save(self.state(), folder / TRAINER_FILE)
+        self.backend.save_state(folder)
+        self.backend.barrier()
+        if main:
+            write_text_atomic(self.checkpoint_dir / LATEST, folder.name)
+            for old in _epoch_folders(self.checkpoint_dir)[:-_KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.backend.barrier()
+
+    def try_resume(self) -> bool:
+        """Load the last complete checkpoint if there is one; return whether it did."""
+        folder = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if folder is None:
+            return False
+        mine = folder / f"rank{self.backend.rank}.pt"
+        state = torch.load(folder / TRAINER_FILE, weights_only=True)
+        if int(state.get("world_size", 1)) != self.backend.world_size or not mine.exists():
+            raise ConfigError(f"{folder} was written by {state.get('world_size', 1)} process(es); this job has "
+                              f"{self.backend.world_size}. Resume with the same number of processes.")
+        self.backend.load_state(folder)
+        self._load_state(state, torch.load(mine, weights_only=True))
+        return True
+
+    def _load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        self.epoch, self.elapsed = int(state["epoch"]), float(state["elapsed"])
+        self.best_valid_loss, self.best_epoch = float(state["best_valid_loss"]), int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.extra_state = dict(state.get("extra") or {})
+        if self.ema is not None and rank_state["ema"] is not None:
+            self.ema.load_state_dict(rank_state["ema"])
+        self.best = rank_state["best"]
+        torch.set_rng_state(rank_state["rng"])
+
+
+def _epoch_folders(directory: Path) -> list[Path]:
+    folders = [p for p in directory.glob("epoch*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(directory: Path | None) -> Path | None:
+    """The newest complete epoch folder of a checkpoint directory, or ``None``."""
+    if directory is None or not (Path(directory) / LATEST).exists():
+        return None
+    folder = Path(directory) / (Path(directory) / LATEST).read_text().strip()
+    return folder if (folder / TRAINER_FILE).exists() else None
+
+
+def has_checkpoint(run_dir: Path | str) -> bool:
+    """Whether the run folder holds a training checkpoint (what ``--resume`` continues)."""
+    return latest_checkpoint(Path(run_dir) / CHECKPOINT_DIR) is not None
+
+
+def read_training_state(run_dir: Path | str) -> dict[str, Any]:
+    """The loop's state in a run folder's newest checkpoint (``epoch``, ``elapsed``,
+    ``history`` as dicts, ``best_valid_loss``, …); a clear error if there is none."""
+    folder = latest_checkpoint(Path(run_dir) / CHECKPOINT_DIR)
+    if folder is None:
+        raise ConfigError(f"{run_dir} holds no training checkpoint ({CHECKPOINT_DIR}/{LATEST} is missing)")
+    return torch.load(folder / TRAINER_FILE, weights_only=True)

@@ -1,17 +1,19 @@
 """``atomforge train``: wire a :class:`RunConfig` to plugins, train, export, evaluate, track.
 
-Each step is a small function; the engine, losses, tracker and data sources come from the
-registry by name.
+Each step is a small function; the engine (a backend of :class:`atomforge.Trainer`), losses,
+tracker, UQ head and data sources come from the registry by name. The UQ steps (wrap the model
+for training, fit and calibrate the head, report its metrics and plots) are here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,25 +23,30 @@ from ase import Atoms
 from . import distributed as dist
 from . import keys as K
 from ._errors import ConfigError, DataValidationError
+from ._io import write_json_atomic, write_text_atomic
 from ._specs import PluginKind
-from .config import RunConfig, SourceConfig
+from .backends import TrainingBackend, resolve_device
+from .config import CONFIG_SECTIONS, RunConfig, SourceConfig
 from .data import get_labels
-from .evaluate import evaluate, parity_plot
+from .evaluate import evaluate, evaluate_uncertainty
 from .finetune import InitialModel, read_initial_model
 from .graph import GraphDataset
 from .losses import CompositeLoss, WeightedTerm
 from .modelfile import build_potential, save_model
+from .optim import make_optimizer, make_scheduler
+from .plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
 from .potential import Potential, fit_normalization
 from .registry import Registry
 from .tracking import Tracker, TrackerCallback, flatten
-from .training import TrainSettings, make_optimizer, make_scheduler
-from .uncertainty import UQFitContext, fit_uq_head, uq_report, wrap_for_training
+from .training import CHECKPOINT_DIR, Trainer, TrainSettings, has_checkpoint
+from .uncertainty import UQFitContext, UQHead, build_uq_head, calibrate
 
-__all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker", "MODEL_FILE"]
+__all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker", "make_backend", "make_trainer",
+           "train_settings", "check_config", "has_checkpoint", "wrap_for_training", "fit_uq_head", "uq_report",
+           "MODEL_FILE"]
 
 MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINTS = (CHECKPOINT_FILE, "deepspeed_checkpoint")  # single-process file, DeepSpeed folder
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the single-file checkpoint of atomforge 0.1
 TRACKING_FILE = "tracking.json"
 
 
@@ -86,23 +93,25 @@ def make_tracker(registry: Registry, config: RunConfig) -> Tracker:
                           f"{sorted(config.tracking.options)}: {error}") from error
 
 
-def engine_options(config: RunConfig) -> dict[str, Any] | None:
-    """The config block of the configured engine (top-level section named like it), if any."""
-    block = getattr(config, config.training.engine, None)
-    return dict(block) if isinstance(block, dict) else None
-
-
-def check_names(registry: Registry, config: RunConfig) -> None:
-    """Fail early (before anything is written) on any registry name the config uses."""
+def check_config(registry: Registry, config: RunConfig) -> None:
+    """Check a config against the registry before anything is read or written: every name it
+    uses is registered, the engine's options block is valid, no stray top-level block, the
+    device exists, the engine can run under this launcher."""
     registry.get(PluginKind.BACKBONE, config.model.backbone)
+    engines = registry.names(PluginKind.ENGINE)
+    unknown = sorted(set(config.engine_blocks) - set(engines))
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {unknown}; valid keys: {sorted(CONFIG_SECTIONS)}, plus the options "
+                          f"block of an installed engine, named like it (engines: {', '.join(engines)})")
     engine = registry.get(PluginKind.ENGINE, config.training.engine)
     if dist.is_launched() and not getattr(engine, "distributed", False):
         raise ConfigError(
             f"this job runs {dist.world_size()} processes but training.engine {config.training.engine!r} is "
             "single-process; set training.engine: deepspeed (and a deepspeed: block), or run one process"
         )
-    if getattr(engine, "check_options", None) is not None:
-        engine.check_options(engine_options(config) or {})
+    if engine.check_options is not None:
+        engine.check_options(config.engine_options)
+    resolve_device(config.training.device)  # a device this machine lacks fails here, not mid-run
     registry.get(PluginKind.TRACKER, config.tracking.name)
     if config.uq is not None:
         registry.get(PluginKind.UQ_HEAD, config.uq.name)
@@ -133,13 +142,14 @@ def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> 
         train, valid = _split(train, config.data.valid_fraction, config.training.seed)
     dtype = getattr(torch, config.model.dtype)
     cutoff = config.model.cutoff
+    fields = registry.fields
     sets = {
-        "train": GraphDataset(train, cutoff, dtype=dtype, require=require, source="data.train"),
-        "valid": GraphDataset(valid, cutoff, dtype=dtype, require=require, source="data.valid"),
+        "train": GraphDataset(train, cutoff, dtype=dtype, require=require, source="data.train", fields=fields),
+        "valid": GraphDataset(valid, cutoff, dtype=dtype, require=require, source="data.valid", fields=fields),
     }
     if config.data.test is not None:
         test = load_source(registry, config.data.test, base)
-        sets["test"] = GraphDataset(test, cutoff, dtype=dtype, source="data.test")
+        sets["test"] = GraphDataset(test, cutoff, dtype=dtype, source="data.test", fields=fields)
     _check_elements(sets)
     return sets
 
@@ -207,7 +217,12 @@ class ProgressBar:
 
 def _run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = config.output
-    if any((run_dir / name).exists() for name in CHECKPOINTS) and not resume:
+    if (run_dir / LEGACY_CHECKPOINT).exists():
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of atomforge 0.1 ({LEGACY_CHECKPOINT}); this version keeps checkpoints in "
+            f"{CHECKPOINT_DIR}/ and cannot continue it. Finish that run with atomforge 0.1, or choose another "
+            "output directory (nothing was overwritten)")
+    if has_checkpoint(run_dir) and not resume:
         raise ConfigError(
             f"{run_dir} already holds a training checkpoint; pass --resume to continue it, or "
             "choose another output directory (nothing was overwritten)"
@@ -220,7 +235,7 @@ def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: b
     state_file = run_dir / TRACKING_FILE
     previous = json.loads(state_file.read_text()).get("run_id") if resume and state_file.exists() else None
     run_id = tracker.start(run_name=config.tracking.run_name or run_dir.name, resume_run_id=previous)
-    state_file.write_text(json.dumps({"run_id": run_id}))
+    write_json_atomic(state_file, {"run_id": run_id})
     if previous is None:
         tracker.log_params(flatten(config.to_dict()))
         tracker.log_dict(config.to_dict(), "config.yaml")
@@ -245,7 +260,7 @@ def _on_main(action: Any) -> Any:
 
 def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = _run_dir(config, resume)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
 
@@ -256,12 +271,13 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     tracks and evaluates, and only its outcome carries metrics."""
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
-    check_names(registry, config)
+    check_config(registry, config)
+    loss = build_loss(registry, config)
+    backend = make_backend(config, registry, train_settings(config, loss))  # a distributed one joins its group
     dist.init_from_env()
     main = dist.is_main()
     verbose = verbose and main
     run_dir = _on_main(lambda: _prepare_run_dir(config, resume)) or config.output
-    loss = build_loss(registry, config)
     sets = _datasets(config, registry, loss.requires)
     torch.manual_seed(config.training.seed)
     initial = _initial_model(config, registry, sets["train"])
@@ -277,13 +293,13 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     if main:
         _start_tracker(tracker, config, run_dir, resume)
     try:
-        engine = _make_engine(config, registry, model, loss, tracker, verbose)
-        result = engine.fit(sets["train"], sets["valid"], resume=resume)
-        final = engine.export_model()  # collective for sharded engines
+        trainer = make_trainer(config, registry, model, loss, tracker, verbose, backend=backend)
+        result = trainer.fit(sets["train"], sets["valid"], resume=resume)
+        final = trainer.export_model()  # collective for sharded engines
         if config.uq is not None:  # extra members, latent density, calibration (docs/uq.md)
-            trainer = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume, initial)
+            members = _member_trainer(config, registry, spec, loss, sets, tracker, verbose, resume, initial)
             final, spec["uq"] = fit_uq_head(final, config.uq, registry, UQFitContext(
-                sets["train"], sets["valid"], trainer, config.training.valid_batch_size))
+                sets["train"], sets["valid"], members, config.training.valid_batch_size))
         if not main:
             return TrainOutcome(run_dir, run_dir / MODEL_FILE, {}, result.stopped_because, result.epochs)
         model_path = save_model(final, run_dir / MODEL_FILE, config=spec, metadata={
@@ -293,7 +309,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
         metrics = _final_evaluation(final, sets, tracker, run_dir)
         if config.uq is not None:
             metrics.update(uq_report(final, sets, tracker, run_dir))
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_json_atomic(run_dir / "metrics.json", metrics)
         if config.evaluation.physics:  # rotation error, curl, NVE drift, stability (docs/physics.md)
             metrics.update(_physics_report(final, config, sets, tracker, run_dir, verbose))
         tracker.log_metrics({"epochs": result.epochs, "best_epoch": result.best_epoch})
@@ -307,14 +323,29 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     return TrainOutcome(run_dir, model_path, metrics, result.stopped_because, result.epochs)
 
 
-def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: CompositeLoss,
-                 tracker: Tracker, verbose: bool) -> Any:
+def train_settings(config: RunConfig, loss: CompositeLoss) -> TrainSettings:
+    """The loop's settings from the ``training`` block (stress only if a loss term needs it)."""
     t = config.training
-    settings = TrainSettings(
+    return TrainSettings(
         max_epochs=t.max_epochs, max_time=t.max_time, batch_size=t.batch_size,
         valid_batch_size=t.valid_batch_size, seed=t.seed, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, patience=t.patience, compute_stress=K.STRESS in loss.outputs,
+        device=t.device, precision=t.precision,
     )
+
+
+def make_backend(config: RunConfig, registry: Registry, settings: TrainSettings) -> TrainingBackend:
+    """The configured engine's backend, built by its plugin with the engine's options block."""
+    spec = registry.get(PluginKind.ENGINE, config.training.engine)
+    return spec.factory(options=config.engine_options, settings=settings)
+
+
+def make_trainer(config: RunConfig, registry: Registry, model: torch.nn.Module, loss: CompositeLoss,
+                 tracker: Tracker, verbose: bool, *, backend: TrainingBackend | None = None) -> Trainer:
+    """The training loop for ``model``: optimiser, schedule, callbacks and the engine's backend
+    (a fresh one unless given), checkpointing into ``<output>/checkpoint``."""
+    t = config.training
+    settings = train_settings(config, loss)
     optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay)
     s = t.scheduler
     scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
@@ -322,12 +353,9 @@ def _make_engine(config: RunConfig, registry: Registry, model: Potential, loss: 
     callbacks: list[Any] = [TrackerCallback(tracker)] if dist.is_main() else []
     if verbose:
         callbacks.append(ProgressBar(t.max_epochs))
-    spec = registry.get(PluginKind.ENGINE, t.engine)
-    options = engine_options(config)
-    extra = {} if options is None else {"options": options}
-    return spec.factory(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler,
-                        settings=settings, callbacks=callbacks,
-                        checkpoint_path=config.output / CHECKPOINT_FILE, **extra)
+    return Trainer(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, settings=settings,
+                   backend=backend or make_backend(config, registry, settings), callbacks=callbacks,
+                   checkpoint_dir=config.output / CHECKPOINT_DIR)
 
 
 def _initial_model(config: RunConfig, registry: Registry, train_set: GraphDataset) -> InitialModel | None:
@@ -357,10 +385,10 @@ def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any],
         potential = build_potential(spec, registry)
         if initial is not None:
             initial.load_into(potential, index)
-        engine = _make_engine(member, registry, potential, loss, child, verbose)
-        engine.fit(sets["train"], sets["valid"], resume=resume)
+        trainer = make_trainer(member, registry, potential, loss, child, verbose)
+        trainer.fit(sets["train"], sets["valid"], resume=resume)
         child.end("FINISHED")
-        return engine.export_model()
+        return trainer.export_model()
 
     return train_member
 
@@ -375,7 +403,7 @@ def _physics_report(model: torch.nn.Module, config: RunConfig, sets: dict[str, G
     metrics = physics_metrics(model, structures, config.evaluation, progress=say)
     tracker.log_metrics(metrics)
     path = run_dir / "metrics.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **metrics}, indent=2))
+    write_json_atomic(path, {**json.loads(path.read_text()), **metrics})
     return metrics
 
 
@@ -390,5 +418,55 @@ def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: 
         plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
         tracker.log_artifact(plot, "plots")
     tracker.log_metrics(metrics)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+# -- the UQ steps of ``atomforge train`` ------------------------------------------------------------
+def wrap_for_training(potential: Potential, uq: Any, registry: Any, loss_outputs: tuple[str, ...]) -> torch.nn.Module:
+    """The module the engine trains: the head itself when it ``trains_with_model`` (shallow
+    ensemble, MC dropout), else the bare Potential. Also validates the head's options early."""
+    if uq is None:
+        return potential
+    head = build_uq_head(potential, {"name": uq.name, "options": uq.options}, registry)
+    if not head.trains_with_model:
+        return potential
+    missing = [key for key in head.needs_loss_outputs if key not in loss_outputs]
+    if missing:
+        hints = {K.ENERGY_STD: "- {name: energy_nll, weight: 0.01, detach_mean: true}",
+                 K.FORCES_STD: "- {name: forces_nll, weight: 0.01}"}
+        raise ConfigError(
+            f"uq head {uq.name!r} learns its spread only from a loss term on {missing}; add "
+            + " and ".join(f"`{hints.get(k, k)}`" for k in missing) + " to `loss` (see docs/uq.md)"
+        )
+    return head
+
+
+def fit_uq_head(model: torch.nn.Module, uq: Any, registry: Any, context: UQFitContext) -> tuple[UQHead, dict[str, Any]]:
+    """Wrap the trained ``model`` (unless it is already the head), run the head's post-training
+    fit (extra ensemble members, latent density), calibrate on ``context.valid``. Returns the
+    head and its model-file record ``{name, provider, options, calibration}``."""
+    head = model if isinstance(model, UQHead) else build_uq_head(
+        model, {"name": uq.name, "options": uq.options}, registry)
+    head.fit(context)
+    record = calibrate(head, context.valid, method=uq.calibration, batch_size=context.batch_size)
+    provider = registry.provided(PluginKind.UQ_HEAD, uq.name).distribution
+    options = {**uq.options, **head.uq_config()}
+    return head.eval(), {"name": uq.name, "provider": provider, "options": options, "calibration": record}
+
+
+def uq_report(head: torch.nn.Module, sets: Mapping[str, GraphDataset], tracker: Any, run_dir: Path,
+              *, batch_size: int = 32) -> dict[str, float]:
+    """UQ metrics (``{valid,test}_uq_*``) and the calibration and error-vs-uncertainty plots of
+    the valid and test sets, logged to the tracker. (The valid set is the calibration set.)"""
+    metrics: dict[str, float] = {}
+    for name in ("valid", "test"):
+        if name not in sets:
+            continue
+        acc = evaluate_uncertainty(head, sets[name], batch_size=batch_size)
+        metrics.update({f"{name}_uq_{k}": v for k, v in acc.metrics().items()})
+        for plot in (calibration_plot(acc, run_dir / f"calibration_{name}.png", title=f"{name} set"),
+                     error_vs_uncertainty_plot(acc, run_dir / f"uncertainty_{name}.png", title=f"{name} set")):
+            tracker.log_artifact(plot, "plots")
+    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
     return metrics

@@ -1,27 +1,29 @@
 """Built-in training engine ``deepspeed``: data-parallel, ZeRO-sharded training (stages 0–3).
 
-The engine keeps the single-process engine's contract (:class:`atomforge.TorchEngine`: same
-epochs, EMA, validation, early stopping, ``max_time``, callbacks) and replaces the step:
+A backend of the one training loop (:class:`atomforge.Trainer`), which keeps epochs, seeds,
+EMA, validation, early stopping, ``max_time``, callbacks and checkpoints; this module supplies
+only what is DeepSpeed's:
 
-* **data**: each epoch's shuffled order is the single-process order; every global batch of
+* **plan**: each epoch's shuffled order is the single-process order; every global batch of
   ``training.batch_size`` structures is split over the ranks so that each rank's atoms + edges
   are balanced (longest-processing-time first), then into ``gradient_accumulation_steps``
   micro-batches. With equal shares and equal-sized structures the gradient is exactly the
-  single-process one. The load-imbalance ratio (max / mean of per-rank atoms + edges) is logged.
+  single-process one. The load-imbalance ratio (max / mean of per-rank atoms + edges) is the
+  step's ``load_imbalance`` metric.
 * **ZeRO-3 and forces**: force training differentiates through ``-∂E/∂r``
   (``create_graph=True``), so the parameters must stay gathered from the forward until the
   outer backward has run; DeepSpeed would release them after each sub-module's forward. The
-  engine gathers a ZeRO-3 model's parameters for one micro-step and partitions them again
+  backend gathers a ZeRO-3 model's parameters for one micro-step and partitions them again
   before the optimiser step, so at rest each rank holds 1/N of parameters, gradients and
   optimiser state.
-* **EMA, best weights**: kept per rank over the rank's own copy of each parameter (its ZeRO-3
-  partition, else the full tensor), so they shard like the model.
-* **checkpoints**: DeepSpeed checkpoints (``<run>/deepspeed_checkpoint/epoch<N>``) plus one
-  small file per rank (EMA, best weights, RNG); a kill at any point resumes from the last
-  complete one. :meth:`export_model` gathers the best EMA weights into an ordinary CPU module
-  (saved by the workflow as the usual single-file model; DeepSpeed is not needed to load it).
+* **local tensors** (what the loop averages into EMA and best weights): each rank's own copy of
+  each parameter (its ZeRO-3 partition, else the full tensor), so EMA and best weights shard
+  like the model.
+* **state**: DeepSpeed's checkpoint files inside the loop's epoch folder; **export** gathers
+  the best EMA weights into an ordinary CPU module (DeepSpeed is not needed to load it).
 
-Options (the config's ``deepspeed:`` block) are documented in ``docs/config.md``.
+Options (the config's ``deepspeed:`` block, validated by :func:`parse_options`) are documented
+in ``docs/config.md``.
 """
 
 from __future__ import annotations
@@ -30,28 +32,28 @@ import contextlib
 import copy
 import dataclasses
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 
-from atomforge import ConfigError, EngineSpec, TorchEngine, hookimpl
+from atomforge import (
+    ConfigError,
+    EngineSpec,
+    GraphDataset,
+    Step,
+    TrainSettings,
+    autocast_context,
+    cast_outputs,
+    hookimpl,
+    resolve_device,
+)
 from atomforge import distributed as dist
 from atomforge import keys as K
-from atomforge.graph import GraphDataset, collate
-from atomforge.losses import CompositeLoss
-from atomforge.metrics import ErrorAccumulator
-from atomforge.training import _AUGMENT_SEED, TrainSettings, atomic_save
 
-__all__ = ["DeepSpeedOptions", "DeepSpeedEngine", "parse_options", "shard_batch", "plan_epoch", "imbalance",
+__all__ = ["DeepSpeedOptions", "DeepSpeedBackend", "parse_options", "shard_batch", "plan_epoch", "imbalance",
            "deepspeed_config"]
-
-CHECKPOINT_DIR = "deepspeed_checkpoint"
-_KEEP_CHECKPOINTS = 2
-
 
 @dataclass(frozen=True)
 class DeepSpeedOptions:
@@ -60,7 +62,7 @@ class DeepSpeedOptions:
     zero_stage: int = 2  # ZeRO stage 0 (plain data parallel) … 3 (parameters sharded too)
     offload_optimizer: str = "none"  # none | cpu: optimiser state in CPU memory (GPU runs)
     offload_param: str = "none"  # none | cpu: ZeRO-3 parameters in CPU memory (GPU runs)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
+    precision: str | None = None  # fp32 | bf16 (autocast of the forward; fp32 master weights); default: training.precision
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step, per rank
     balance: bool = True  # balance per-rank atoms + edges in each step (else round-robin)
     balance_window: int = 8  # global batches regrouped together when one step is unbalanced
@@ -83,7 +85,7 @@ def parse_options(options: Mapping[str, Any] | None) -> DeepSpeedOptions:
         (out.offload_param in ("none", "cpu"), f"deepspeed.offload_param: expected none or cpu, got {out.offload_param!r}"),
         (out.offload_param == "none" or out.zero_stage == 3, "deepspeed.offload_param needs zero_stage: 3"),
         (out.offload_optimizer == "none" or out.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage ≥ 1"),
-        (out.precision in ("fp32", "bf16"), f"deepspeed.precision: expected fp32 or bf16, got {out.precision!r}"),
+        (out.precision in (None, "fp32", "bf16"), f"deepspeed.precision: expected fp32 or bf16, got {out.precision!r}"),
         (isinstance(out.gradient_accumulation_steps, int) and out.gradient_accumulation_steps >= 1,
          f"deepspeed.gradient_accumulation_steps: expected an integer ≥ 1, got {out.gradient_accumulation_steps!r}"),
         (isinstance(out.balance, bool), f"deepspeed.balance: expected true or false, got {out.balance!r}"),
@@ -223,51 +225,52 @@ def _padded(batch: list[int], pool: list[int], need: int) -> list[int]:
     return out
 
 
-class DeepSpeedEngine(TorchEngine):
-    """ZeRO-sharded data-parallel engine; see the module docstring."""
+class DeepSpeedBackend:
+    """ZeRO-sharded data-parallel backend; see the module docstring. Construction joins the
+    launcher's process group (a plain process is a world of one)."""
 
-    def __init__(
-        self,
-        *,
-        model: torch.nn.Module,
-        loss: CompositeLoss,
-        optimizer: torch.optim.Optimizer,
-        settings: TrainSettings,
-        scheduler: Any = None,
-        callbacks: Sequence[Any] = (),
-        checkpoint_path: Path | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, *, options: Mapping[str, Any] | None, settings: TrainSettings) -> None:
         self.options = parse_options(options)
-        deepspeed = _import_deepspeed()
-        _init_distributed(deepspeed, self.options.backend)
-        self.world_size, self.rank = dist.world_size(), dist.rank()
-        self.ds_config = deepspeed_config(self.options, settings, self.world_size,
-                                          sum(p.numel() for p in model.parameters()))
-        device = _device()
-        # an empty twin of the module to load gathered weights into at export (no memory)
-        self._template = copy.deepcopy(model).to("meta")
-        model.to(device)
-        super().__init__(model=model, loss=loss, optimizer=optimizer, settings=dataclasses.replace(
-            settings, ema_decay=None), scheduler=scheduler, callbacks=callbacks, checkpoint_path=None)
         self.settings = settings
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.device = device
-        self.checkpoint_dir = Path(checkpoint_path).with_name(CHECKPOINT_DIR) if checkpoint_path else None
-        self._params = list(self.model.parameters())
-        self._ema_decay = settings.ema_decay
-        self._ema: list[torch.Tensor] | None = None
-        self._ema_updates = 0
-        self._best_local: list[torch.Tensor] | None = None
+        self.precision = self.options.precision or settings.precision
+        self.device = _device(settings.device)
+        deepspeed = _import_deepspeed(self.device)
+        _init_distributed(deepspeed, self.options.backend, self.device)
+        self._deepspeed = deepspeed
+        self.world_size, self.rank = dist.world_size(), dist.rank()
+        self.engine: Any = None
+        self._model: torch.nn.Module | None = None
+        self._template: torch.nn.Module | None = None
+        self._params: list[torch.nn.Parameter] = []
         self._costs: list[float] | None = None
-        self.last_imbalance = 1.0
 
-    # -- the rank's own copy of each parameter ---------------------------------------------------
+    # -- model ------------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            raise RuntimeError("DeepSpeedBackend.setup(model, optimizer) has not been called")
+        return self._model
+
     @property
     def zero3(self) -> bool:
         return self.options.zero_stage == 3
 
-    def _local(self) -> list[torch.Tensor]:
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if self.zero3 and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"deepspeed.zero_stage: 3 shards float32 (or bf16) models only; this model is {dtype}. "
+                              "Set model.dtype: float32, or use zero_stage 0-2")
+        config = deepspeed_config(self.options, self.settings, self.world_size,
+                                  sum(p.numel() for p in model.parameters()))
+        # an empty twin of the module to load gathered weights into at export (no memory)
+        self._template = copy.deepcopy(model).to("meta")
+        model.to(self.device)
+        self.engine, *_ = self._deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self._model = model
+        self._params = list(model.parameters())
+        self._dtype = next((p.dtype for p in self._params if p.is_floating_point()), torch.float32)
+
+    def local_tensors(self) -> list[torch.Tensor]:
         """This rank's tensor of each parameter: its ZeRO-3 partition, else the full tensor."""
         return [p.ds_tensor.data if self.zero3 else p.data for p in self._params]
 
@@ -297,13 +300,59 @@ class DeepSpeedEngine(TorchEngine):
             if available:
                 available[0].partition(param_list=available)
 
+    # -- steps ------------------------------------------------------------------------------------
+    def plan(self, order: Sequence[int], dataset: GraphDataset) -> Iterator[Step]:
+        """For each global batch: this rank's micro-batches and the step's load imbalance."""
+        if self._costs is None or len(self._costs) != len(dataset):
+            self._costs = [graph_cost(g) for g in dataset.graphs]
+        accum = self.options.gradient_accumulation_steps
+        for shards in plan_epoch(order, self._costs, self.settings.batch_size, self.world_size * accum,
+                                 balance=self.options.balance, window=self.options.balance_window):
+            # ranks × accumulation slots: slot r + world·a is rank r's a-th micro-batch
+            mine = [shards[self.rank + self.world_size * a] for a in range(accum)]
+            loads = [sum(sum(self._costs[i] for i in shards[r + self.world_size * a]) for a in range(accum))
+                     for r in range(self.world_size)]
+            yield Step(mine, {"load_imbalance": max(loads) / (sum(loads) / len(loads))})
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()} if self.device.type != "cpu" else batch
+
+    def forward(self, batch: dict[str, torch.Tensor], *, compute_forces: bool,
+                compute_stress: bool) -> dict[str, torch.Tensor]:
+        with autocast_context(self.device, self.precision):
+            outputs = self.engine(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+        return cast_outputs(outputs, self._dtype)
+
+    def predict(self, batch: dict[str, torch.Tensor], *, compute_forces: bool,
+                compute_stress: bool) -> dict[str, torch.Tensor]:
+        with autocast_context(self.device, self.precision):
+            outputs = self.model(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+        return cast_outputs(outputs, self._dtype)
+
+    def step(self, batches: Sequence[dict[str, torch.Tensor]],
+             loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> tuple[float, int]:
+        total = 0.0
+        for batch in batches:  # DeepSpeed counts micro-steps and updates at the accumulation boundary
+            with self._gathered():
+                loss = loss_of(batch)
+                self.engine.backward(loss)
+            self.engine.step()
+            total += float(loss.detach())
+        return total, len(batches)
+
+    def train_mode(self, training: bool) -> None:
+        self.engine.train(training)
+
+    def evaluation(self) -> ContextManager[Any]:
+        return self._gathered()
+
+    # -- export and state -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _swapped(self, tensors: list[torch.Tensor] | None) -> Iterator[None]:
-        """Temporarily put ``tensors`` (EMA or best weights, this rank's copies) into the model."""
+    def _swapped(self, tensors: Sequence[torch.Tensor] | None) -> Iterator[None]:
         if tensors is None:
             yield
             return
-        local = self._local()
+        local = self.local_tensors()
         saved = [t.clone() for t in local]
         with torch.no_grad():
             for dst, src in zip(local, tensors):
@@ -315,184 +364,41 @@ class DeepSpeedEngine(TorchEngine):
                 for dst, src in zip(local, saved):
                     dst.copy_(src)
 
-    def _update_ema(self) -> None:
-        if not self._ema_decay:
-            return
-        local = self._local()
-        if self._ema is None:
-            self._ema = [t.detach().clone() for t in local]
-        else:
-            n = float(self._ema_updates)
-            d = min(self._ema_decay, (1.0 + n) / (10.0 + n))
-            torch._foreach_lerp_(self._ema, [t.detach() for t in local], 1.0 - d)
-        self._ema_updates += 1
-
-    # -- training --------------------------------------------------------------------------------
-    def _autocast(self) -> Any:
-        if self.options.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()} if self.device.type != "cpu" else batch
-
-    def _steps(self, dataset: GraphDataset, order: list[int]) -> Iterator[tuple[list[list[int]], float]]:
-        """For each global batch: this rank's micro-batches and the step's load imbalance."""
-        if self._costs is None or len(self._costs) != len(dataset):
-            self._costs = [graph_cost(g) for g in dataset.graphs]
-        accum = self.options.gradient_accumulation_steps
-        for shards in plan_epoch(order, self._costs, self.settings.batch_size, self.world_size * accum,
-                                 balance=self.options.balance, window=self.options.balance_window):
-            # ranks × accumulation slots: slot r + world·a is rank r's a-th micro-batch
-            mine = [shards[self.rank + self.world_size * a] for a in range(accum)]
-            loads = [sum(sum(self._costs[i] for i in shards[r + self.world_size * a]) for a in range(accum))
-                     for r in range(self.world_size)]
-            yield mine, max(loads) / (sum(loads) / len(loads))
-
-    def _train_epoch(self, train: GraphDataset, started: float) -> tuple[float, int, bool]:
-        self.engine.train()
-        base = self.settings.seed * 100_003 + self.epoch
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(base)).tolist()
-        augment = torch.Generator().manual_seed(base + _AUGMENT_SEED + 7_919 * self.rank)
-        want_forces = K.FORCES in self.loss.outputs
-        total, micro, steps, timed_out, ratios = 0.0, 0, 0, False, []
-        for micro_batches, ratio in self._steps(train, order):
-            ratios.append(ratio)
-            for indices in micro_batches:
-                batch = self._to_device(collate([train.graphs[i] for i in indices]))
-                batch = self.loss.augment(batch, augment)
-                with self._gathered(), self._autocast():
-                    outputs = self.engine(batch, compute_forces=want_forces,
-                                          compute_stress=self.settings.compute_stress)
-                    outputs = {k: v.float() for k, v in outputs.items()}
-                    loss, _ = self.loss(batch, outputs, self.model)
-                    self.engine.backward(loss)
-                self.engine.step()
-                total += float(loss.detach())
-                micro += 1
-            steps += 1
-            self._update_ema()
-            if hasattr(self.scheduler, "update_time"):
-                self.scheduler.update_time(self.elapsed + time.perf_counter() - started)
-            if self.settings.max_time is not None and dist.all_reduce_max(float(self._out_of_time(started))):
-                timed_out = True
-                break
-        self.last_imbalance = sum(ratios) / max(len(ratios), 1)
-        self.epoch_train_metrics = {"load_imbalance": self.last_imbalance}
-        return dist.all_reduce_mean(total / max(micro, 1)), steps, timed_out
-
-    def validate(self, valid: GraphDataset) -> tuple[float, dict[str, float]]:
-        """Loss and errors of the EMA weights on ``valid``, each rank on its share, reduced."""
-        self.engine.eval()
-        acc = ErrorAccumulator()
-        total, count = 0.0, 0
-        mine = list(range(self.rank, len(valid), self.world_size))
-        size = self.settings.valid_batch_size
-        with self._swapped(self._ema), self._gathered():
-            for start in range(0, len(mine), size):
-                batch = self._to_device(collate([valid.graphs[i] for i in mine[start : start + size]]))
-                with self._autocast():
-                    outputs = self.model(batch, compute_forces=True, compute_stress=self.settings.compute_stress)
-                outputs = {k: v.float() for k, v in outputs.items()}
-                loss, _ = self.loss(batch, outputs, self.model)
-                n = int(batch[K.N_ATOMS].shape[0])
-                total += float(loss.detach()) * n
-                count += n
-                acc.add(batch, {k: v.detach() for k, v in outputs.items()})
-        merged, loss_sum, n_sum = ErrorAccumulator(), 0.0, 0
-        for rank_total, rank_count, pairs in dist.all_gather_objects((total, count, acc.pairs)):
-            loss_sum, n_sum = loss_sum + rank_total, n_sum + rank_count
-            for name, (preds, refs) in pairs.items():
-                dst = merged.pairs.setdefault(name, ([], []))
-                dst[0].extend(preds)
-                dst[1].extend(refs)
-        return loss_sum / max(n_sum, 1), merged.metrics()
-
-    def _update_best(self, valid_loss: float) -> None:
-        if valid_loss < self.best_valid_loss:
-            self.best_valid_loss = valid_loss
-            self.best_epoch = self.epoch
-            self._best_local = [t.detach().clone() for t in (self._ema or self._local())]
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-
-    def _stop_reason(self, timed_out: bool) -> str | None:
-        # elapsed time differs slightly per rank: rank 0 decides for everybody
-        return dist.broadcast_object(super()._stop_reason(timed_out))
-
-    # -- export ----------------------------------------------------------------------------------
-    def _full_state(self, tensors: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def export(self, tensors: Sequence[torch.Tensor] | None) -> torch.nn.Module:
+        """An ordinary CPU module with ``tensors`` gathered from the shards (collective)."""
         with self._swapped(tensors), self._gathered():
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
-    def export_model(self) -> torch.nn.Module:
-        """An ordinary CPU module with the best EMA weights, gathered from the shards (collective:
-        every rank calls it)."""
-        state = self._full_state(self._best_local or self._ema)
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         model = copy.deepcopy(self._template)
         model.load_state_dict(state, assign=True)
         return model.eval()
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def _common_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch, "elapsed": self.elapsed, "best_valid_loss": self.best_valid_loss,
-            "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "history": [dataclasses.asdict(r) for r in self.history],
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "extra": self.extra_state, "world_size": self.world_size, "ema_updates": self._ema_updates,
-        }
+    def save_state(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
-    def _rank_state(self) -> dict[str, Any]:
-        return {"ema": self._ema, "best": self._best_local, "rng": torch.get_rng_state(),
-                "world_size": self.world_size}
+    def load_state(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
 
-    def _save_checkpoint(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        tag = f"epoch{self.epoch}"
-        atomic_save(self._rank_state(), self.checkpoint_dir / tag / f"atomforge_rank{self.rank}.pt")
-        # DeepSpeed writes ``latest`` last: a kill before that leaves the previous tag current
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=self._common_state())
+    # -- collectives ------------------------------------------------------------------------------
+    def all_reduce_mean(self, value: float) -> float:
+        return dist.all_reduce_mean(value)
+
+    def any(self, flag: bool) -> bool:
+        return bool(dist.all_reduce_max(float(flag)))
+
+    def broadcast(self, obj: Any) -> Any:
+        return dist.broadcast_object(obj)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return dist.all_gather_objects(obj)
+
+    def barrier(self) -> None:
         dist.barrier()
-        if dist.is_main():
-            tags = sorted((p for p in self.checkpoint_dir.glob("epoch*") if p.is_dir()),
-                          key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
-            for old in tags[:-_KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def try_resume(self) -> bool:
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "latest").exists():
-            return False
-        tag = (self.checkpoint_dir / "latest").read_text().strip()
-        mine = self.checkpoint_dir / tag / f"atomforge_rank{self.rank}.pt"
-        if not mine.exists():
-            raise ConfigError(f"{self.checkpoint_dir / tag} has no state for rank {self.rank}; it was "
-                              "written by a different number of processes — resume with the same --nproc")
-        rank_state = torch.load(mine, weights_only=True)
-        if int(rank_state["world_size"]) != self.world_size:
-            raise ConfigError(f"{self.checkpoint_dir} was written by {rank_state['world_size']} processes; "
-                              f"this job has {self.world_size}. Resume with the same number of processes.")
-        _, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        from atomforge.training import EpochRecord
-
-        self.epoch, self.elapsed = int(state["epoch"]), float(state["elapsed"])
-        self.best_valid_loss, self.best_epoch = float(state["best_valid_loss"]), int(state["best_epoch"])
-        self.bad_epochs = int(state["bad_epochs"])
-        self.history = [EpochRecord(**r) for r in state["history"]]
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.extra_state = dict(state.get("extra") or {})
-        self._ema_updates = int(state.get("ema_updates", 0))
-        self._ema, self._best_local = rank_state["ema"], rank_state["best"]
-        torch.set_rng_state(rank_state["rng"])
-        return True
 
 
-def _import_deepspeed() -> Any:
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+def _import_deepspeed(device: torch.device) -> Any:
+    # DeepSpeed picks its accelerator when first imported: CPU unless this backend trains on CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     try:
         import deepspeed
     except ImportError as error:
@@ -501,16 +407,19 @@ def _import_deepspeed() -> Any:
     return deepspeed
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
-        torch.cuda.set_device(dist.local_rank())
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
+def _device(spec: str) -> torch.device:
+    """``training.device`` for this rank: ``auto``/``cuda`` mean the launcher's local GPU."""
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        index = device.index if device.index is not None and dist.world_size() == 1 else dist.local_rank()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
 
 
-def _init_distributed(deepspeed: Any, backend: str) -> None:
+def _init_distributed(deepspeed: Any, backend: str, device: torch.device) -> None:
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" not in os.environ:  # a plain single process: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
@@ -525,8 +434,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _factory(*, options: Mapping[str, Any] | None = None, **kwargs: Any) -> DeepSpeedEngine:
-    return DeepSpeedEngine(options=options, **kwargs)
+def _factory(*, options: Mapping[str, Any] | None, settings: TrainSettings) -> DeepSpeedBackend:
+    return DeepSpeedBackend(options=options, settings=settings)
 
 
 @hookimpl
@@ -534,4 +443,3 @@ def register_engines(register) -> None:  # noqa: ANN001
     register(EngineSpec("deepspeed", _factory,
                         "DeepSpeed data-parallel engine, ZeRO stages 0-3 (torchrun / deepspeed launcher)",
                         check_options=parse_options, distributed=True))
-

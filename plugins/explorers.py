@@ -24,9 +24,15 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from atomforge import ConfigError, DataValidationError, ExplorerSpec, hookimpl
-from atomforge.exploration import structure_hash, uncertainty_of
-from atomforge.flagging import read_candidates
+from atomforge import (
+    ConfigError,
+    DataValidationError,
+    ExplorerSpec,
+    hookimpl,
+    read_candidates,
+    structure_hash,
+    uncertainty_of,
+)
 
 _log = logging.getLogger("atomforge.explorers")
 

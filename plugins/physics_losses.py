@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atomforge import ConfigError, LossSpec, hookimpl
+from atomforge import ConfigError, LossSpec, hookimpl, model_curl, random_rotations, rotate_batch
 from atomforge import keys as K
-from atomforge.physics import model_curl, random_rotations, rotate_batch
 
 
 class RotationAugmentation:

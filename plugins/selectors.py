@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from atomforge import ConfigError, SelectorSpec, hookimpl
-from atomforge.exploration import Candidate, Selection
+from atomforge import Candidate, ConfigError, Selection, SelectorSpec, hookimpl
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,24 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from atomforge import ConfigError, LossSpec, Potential, UQHeadSpec, atoms_to_graph, collate, hookimpl
+from atomforge import (
+    ConfigError,
+    LossSpec,
+    Potential,
+    UQFitContext,
+    UQHead,
+    UQHeadSpec,
+    atoms_to_graph,
+    collate,
+    differentiable_inputs,
+    energy_derivatives,
+    hookimpl,
+    iterate_batches,
+    member_statistics,
+    replicate_batch,
+    scatter_sum,
+)
 from atomforge import keys as K
-from atomforge.graph import iterate_batches
-from atomforge.potential import differentiable_inputs, energy_derivatives, scatter_sum
-from atomforge.uncertainty import UQFitContext, UQHead, member_statistics, replicate_batch
 
 __all__ = ["DeepEnsemble", "ShallowEnsemble", "MCDropout", "LatentDistance", "EnergyNLL"]
 
@@ -251,7 +264,7 @@ class MCDropout(UQHead):
     def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
         if self.training:
             return self.potential(batch, compute_forces=compute_forces, compute_stress=compute_stress)
-        copies = replicate_batch(batch, self.samples)
+        copies = replicate_batch(batch, self.samples, self.fields)
         self.sampling = True
         try:
             out = self.potential(copies, compute_forces=compute_forces, compute_stress=compute_stress)

@@ -18,6 +18,7 @@ from typing import Callable
 import yaml
 from ase.io import read, write
 
+from atomforge import has_checkpoint
 from atomforge.active_learning import structure_hash
 from conftest import cu_structures
 
@@ -96,7 +97,7 @@ def test_sigkilled_campaign_resumes_without_losing_or_repeating_labels(tmp_path)
 
     # 2. while training model 1: its first epoch checkpoint exists, its metrics do not yet
     train_dir = directory / "iterations" / "001" / "train"
-    kill(lambda: (train_dir / "checkpoint.pt").exists(), "a checkpoint of model 1")
+    kill(lambda: has_checkpoint(train_dir), "a checkpoint of model 1")
     state = json.loads((directory / "state.json").read_text())
     assert (state["iteration"], state["phase"]) == (1, "train") and not (train_dir / "metrics.json").exists()
     assert len(completed_at_kill[-1]) == PER_ITERATION  # iteration 0's labelling finished on resume

@@ -17,7 +17,7 @@ import torch
 import yaml
 from ase.io import read, write
 
-from atomforge import ConfigError, config_from_dict, evaluate, load_model
+from atomforge import ConfigError, config_from_dict, evaluate, load_model, read_training_state
 from atomforge.graph import GraphDataset
 from atomforge.plugins.deepspeed_engine import (
     deepspeed_config,
@@ -27,7 +27,7 @@ from atomforge.plugins.deepspeed_engine import (
     shard_batch,
 )
 from atomforge.training import TrainSettings
-from atomforge.workflow import check_names, train
+from atomforge.workflow import check_config, train
 
 from conftest import cu_structures, tiny_config
 
@@ -88,7 +88,7 @@ def test_deepspeed_block_is_checked_before_any_data_is_read(cu_files, tmp_path, 
     raw = tiny_config(cu_files, tmp_path / "run", engine="deepspeed")
     raw["deepspeed"] = {"zero_stage": 7}
     with pytest.raises(ConfigError, match="zero_stage"):
-        check_names(registry, config_from_dict(raw))
+        check_config(registry, config_from_dict(raw))
     assert not (tmp_path / "run").exists()
 
 
@@ -96,7 +96,7 @@ def test_single_process_engine_refuses_a_multi_process_launch(cu_files, tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = config_from_dict(tiny_config(cu_files, tmp_path / "run"))
     with pytest.raises(ConfigError, match="single-process; set training.engine: deepspeed"):
-        check_names(registry, config)
+        check_config(registry, config)
 
 
 # -- real 2-process runs ---------------------------------------------------------------------------
@@ -136,10 +136,7 @@ def _launch(setup: dict, output: str, *extra: str, wait: bool = True) -> subproc
 
 
 def _history(run_dir: Path) -> list[dict]:
-    checkpoint = run_dir / "deepspeed_checkpoint"
-    tag = (checkpoint / "latest").read_text().strip()
-    states = sorted((checkpoint / tag).glob("*model_states.pt"))
-    return torch.load(states[0], weights_only=False)["history"]
+    return read_training_state(run_dir)["history"]
 
 
 @pytest.fixture(scope="module")
@@ -148,22 +145,9 @@ def single_run(ds_setup: dict) -> list[dict]:
            "output": "single"}
     raw.pop("deepspeed")
     from atomforge import make_registry
-    from atomforge.training import TorchEngine
 
-    histories = []
-    original = TorchEngine.fit
-
-    def fit(self, *args, **kwargs):  # keep the single-process history for comparison
-        result = original(self, *args, **kwargs)
-        histories.append([vars(r) for r in result.history])
-        return result
-
-    TorchEngine.fit = fit
-    try:
-        train(config_from_dict(raw, ds_setup["folder"]), make_registry(), verbose=False)
-    finally:
-        TorchEngine.fit = original
-    return histories[0]
+    train(config_from_dict(raw, ds_setup["folder"]), make_registry(), verbose=False)
+    return _history(ds_setup["folder"] / "single")
 
 
 @pytest.mark.parametrize("stage, accumulation", [(2, 1), (3, 2)])
@@ -206,7 +190,7 @@ def test_killed_zero2_run_resumes_to_the_uninterrupted_result(ds_setup, single_r
     if not (reference / "model.pt").exists():
         _launch(ds_setup, "zero2")
     job = _launch(ds_setup, "killed", wait=False)
-    latest = ds_setup["folder"] / "killed" / "deepspeed_checkpoint" / "latest"
+    latest = ds_setup["folder"] / "killed" / "checkpoint" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline:
         if latest.exists() and latest.read_text().strip() in {f"epoch{k}" for k in range(3, EPOCHS)}:

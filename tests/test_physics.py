@@ -12,7 +12,7 @@ from ase import Atoms, units
 from ase.calculators.lj import LennardJones
 from ase.io import read
 
-from atomforge import Backbone, ConformanceError, attach_labels, config_from_dict, load_model
+from atomforge import Backbone, ConformanceError, attach_labels, config_from_dict, load_model, read_training_state
 from atomforge import keys as K
 from atomforge.config import EvaluationConfig
 from atomforge.graph import atoms_to_graph, collate
@@ -70,7 +70,7 @@ def test_direct_transformer_trains_on_a_tiny_set(registry, cu_files, tmp_path) -
     raw["model"] = {"backbone": "transformer", "cutoff": 4.0, "forces": "direct", **SMALL}
     raw["loss"] += [{"name": "rotation_augmentation"}, {"name": "curl_penalty", "weight": 1.0}]
     outcome = train(config_from_dict(raw), registry, verbose=False)
-    history = torch.load(outcome.run_dir / "checkpoint.pt", weights_only=True)["history"]
+    history = read_training_state(outcome.run_dir)["history"]
     first, last = history[0]["valid_metrics"]["forces_mae"], history[-1]["valid_metrics"]["forces_mae"]
     assert last < 0.7 * first, (first, last)
     assert load_model(outcome.model_path).backbone.direct_forces
@@ -249,8 +249,7 @@ def test_physics_metrics_of_a_conservative_model(registry) -> None:
 # -- training integration ----------------------------------------------------------------------------
 def test_augmentation_runs_only_on_training_batches(registry) -> None:
     """The engine calls CompositeLoss.augment before each training step, never in validation."""
-    from atomforge import CompositeLoss, GraphDataset, TorchEngine, TrainSettings, WeightedTerm
-    from atomforge.training import make_optimizer
+    from atomforge import CompositeLoss, GraphDataset, TorchBackend, Trainer, TrainSettings, WeightedTerm, make_optimizer
 
     make = registry.get("losses", "rotation_augmentation").factory
     loss = CompositeLoss([WeightedTerm("forces", 1.0, registry.get("losses", "forces").factory()),
@@ -262,9 +261,10 @@ def test_augmentation_runs_only_on_training_batches(registry) -> None:
     train_set = GraphDataset(data[:4], 4.0, dtype=torch.float64, require=("forces",))
     valid_set = GraphDataset(data[4:], 4.0, dtype=torch.float64)
     model = make_test_potential(_transformer("direct"), options=SMALL, dtype=torch.float64).train()
-    engine = TorchEngine(model=model, loss=loss, optimizer=make_optimizer(model, lr=1e-3),
-                         settings=TrainSettings(max_epochs=1, batch_size=2, ema_decay=None))
-    engine.fit(train_set, valid_set)
+    settings = TrainSettings(max_epochs=1, batch_size=2, ema_decay=None)
+    trainer = Trainer(model=model, loss=loss, optimizer=make_optimizer(model, lr=1e-3), settings=settings,
+                      backend=TorchBackend.from_settings(settings))
+    trainer.fit(train_set, valid_set)
     assert calls == [2, 2]
 
 

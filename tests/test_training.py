@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from atomforge import ConfigError, config_from_dict, load_config, read_model_file
+from atomforge import ConfigError, config_from_dict, has_checkpoint, load_config, read_model_file, read_training_state
 from atomforge.workflow import train
 
 from conftest import tiny_config
@@ -23,8 +23,7 @@ from conftest import tiny_config
 def test_training_reduces_the_error(registry, cu_files, tmp_path) -> None:
     outcome = train(config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=8)), registry,
                     verbose=False)
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    history = ckpt["history"]
+    history = read_training_state(tmp_path / "run")["history"]
     assert len(history) == 8
     assert history[-1]["valid_metrics"]["forces_mae"] < 0.7 * history[0]["valid_metrics"]["forces_mae"]
     assert outcome.test_metrics["test_forces_mae"] < 1.5 * history[-1]["valid_metrics"]["forces_mae"]
@@ -48,10 +47,10 @@ def test_early_stopping(registry, cu_files, tmp_path) -> None:
 def test_existing_run_is_not_overwritten_without_resume(registry, cu_files, tmp_path) -> None:
     cfg = config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=1))
     train(cfg, registry, verbose=False)
-    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, registry, verbose=False)
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -68,18 +67,18 @@ def test_resume_after_kill_gives_the_same_model(registry, cu_files, tmp_path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "atomforge", "train", str(config), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    run = tmp_path / "killed"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+    while time.time() < deadline and proc.poll() is None and not has_checkpoint(run):
         time.sleep(0.02)  # kill as soon as the first checkpoint is on disk
     assert proc.poll() is None, "training finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+    killed_at = read_training_state(run)["epoch"]
     assert 1 <= killed_at < epochs and not (tmp_path / "killed" / "model.pt").exists()
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    history = torch.load(ckpt, weights_only=True)["history"]
+    history = read_training_state(run)["history"]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     resumed, ref = _weights(tmp_path / "killed" / "model.pt"), _weights(reference.model_path)
     for name in ref:
@@ -103,7 +102,7 @@ def test_config_overrides_and_relative_paths(cu_files, tmp_path) -> None:
     "mutate, message",
     [
         (lambda c: c["training"].update(learning_rate=1), r"training: unknown key\(s\) \['learning_rate'\]"),
-        (lambda c: c.update(optimiser={}), r"unknown key\(s\) \['optimiser'\]; valid keys"),
+        (lambda c: c.update(optimiser=3), r"unknown key\(s\) \['optimiser'\]; valid keys"),
         (lambda c: c["training"].update(max_time="fifteen minutes"), "max_time: expected seconds"),
         (lambda c: c["model"].update(dtype="float16"), "float32 or float64"),
         (lambda c: c.pop("data"), "data.train is required"),
@@ -167,8 +166,43 @@ def test_cosine_time_schedule_decays_to_min_lr_over_the_budget(registry, cu_file
     cfg = tiny_config(cu_files, tmp_path / "run", max_epochs=10_000, max_time=3, lr=0.01,
                       scheduler={"name": "cosine_time", "min_lr": 1e-5})
     train(config_from_dict(cfg), registry, verbose=False)
-    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
+    history = read_training_state(tmp_path / "run")["history"]
     lrs = [h["lr"] for h in history]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01 and lrs[-1] < 0.002
     with pytest.raises(ConfigError, match="set max_time"):
         config_from_dict(tiny_config(cu_files, tmp_path / "x", scheduler="cosine_time"))
+
+
+def test_engine_options_blocks_and_devices_are_checked_before_data_is_read(registry, cu_files, tmp_path) -> None:
+    from atomforge import check_config
+
+    raw = tiny_config(cu_files, tmp_path / "run")
+    raw["deepspeed"] = {"zero_stage": 3}  # another engine's block may stay: switching engines is one line
+    config = config_from_dict(raw)
+    assert config.engine_options is None and config.to_dict()["deepspeed"] == {"zero_stage": 3}
+    check_config(registry, config)
+    assert config_from_dict(config.to_dict(), tmp_path).engine_blocks == config.engine_blocks  # round trip
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['optimiser'\].*engines: deepspeed"):
+        check_config(registry, config_from_dict({**raw, "optimiser": {"name": "sgd"}}))
+    with pytest.raises(ConfigError, match="engine torch has no options block.*training.device"):
+        check_config(registry, config_from_dict({**raw, "torch": {"device": "cpu"}}))
+    with pytest.raises(ConfigError, match="training.precision: expected one of fp32, bf16"):
+        config_from_dict(tiny_config(cu_files, tmp_path / "run", precision="fp16"))
+    with pytest.raises(ConfigError, match="training.device: expected auto, cpu, cuda or cuda:N"):
+        config_from_dict(tiny_config(cu_files, tmp_path / "run", device="gpu0"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA device; use device: cpu"):
+            check_config(registry, config_from_dict(tiny_config(cu_files, tmp_path / "run", device="cuda")))
+    assert not (tmp_path / "run").exists()  # nothing written by any of the refused configs
+
+
+def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(registry, cu_files, tmp_path) -> None:
+    """precision: bf16 runs the forward under autocast; weights, optimiser and model file stay fp32,
+    and the model still learns (the error falls)."""
+    outcome = train(config_from_dict(tiny_config(cu_files, tmp_path / "run", max_epochs=6, precision="bf16",
+                                                 device="cpu")), registry, verbose=False)
+    history = read_training_state(tmp_path / "run")["history"]
+    assert all(torch.isfinite(torch.tensor([h["train_loss"], h["valid_loss"]])).all() for h in history)
+    assert history[-1]["valid_metrics"]["forces_mae"] < 0.8 * history[0]["valid_metrics"]["forces_mae"]
+    state = read_model_file(outcome.model_path)[2]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} <= {torch.float32, torch.float64}

@@ -24,14 +24,8 @@ from atomforge import keys as K
 from atomforge.cli import main
 from atomforge.graph import GraphDataset
 from atomforge.potential import differentiable_inputs, energy_derivatives
-from atomforge.uncertainty import (
-    fit_isotonic,
-    fit_variance_scale,
-    member_statistics,
-    miscalibration_area,
-    replicate_batch,
-    spearman,
-)
+from atomforge.metrics import miscalibration_area, spearman
+from atomforge.uncertainty import fit_isotonic, fit_variance_scale, member_statistics, replicate_batch
 from atomforge.workflow import train
 
 from conftest import cu_structures, tiny_config

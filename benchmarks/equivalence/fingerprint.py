@@ -75,8 +75,11 @@ def weights_hash(model_path: Path) -> str:
 
 
 def history_of(run_dir: Path) -> list[dict[str, float]]:
-    """Per-epoch losses from the run's checkpoint (single-process file or DeepSpeed folder)."""
-    if (run_dir / "checkpoint.pt").exists():
+    """Per-epoch losses from the run's checkpoint (this version's ``checkpoint/`` folder, or the
+    0.1 layout: ``checkpoint.pt`` or ``deepspeed_checkpoint/``)."""
+    if (run_dir / "checkpoint" / "latest").exists():
+        history = atomforge.read_training_state(run_dir)["history"]
+    elif (run_dir / "checkpoint.pt").exists():
         history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     else:
         folder = run_dir / "deepspeed_checkpoint"

@@ -1,4 +1,5 @@
-"""atomforge-example-plugin: a third-party atomforge plugin shipping the ``example_schnet`` backbone.
+"""atomforge-example-plugin: a third-party atomforge plugin shipping a backbone (``example_schnet``)
+and a training engine (``example_accumulate``).
 
 atomforge never imports this package by name. It finds :mod:`atomforge_example_plugin.plugin`
 through the ``atomforge`` entry point declared in ``pyproject.toml`` and calls its hooks.
@@ -6,8 +7,9 @@ through the ``atomforge`` entry point declared in ``pyproject.toml`` and calls i
 
 from __future__ import annotations
 
+from ._accumulate import AccumulatingBackend
 from ._schnet import ExampleSchNet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["ExampleSchNet", "__version__"]
+__all__ = ["AccumulatingBackend", "ExampleSchNet", "__version__"]

@@ -14,35 +14,21 @@ smaller than the cutoff, so several images of one atom are neighbours.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from ase import Atoms
 
-from . import keys as K
-from ._errors import ConformanceError
-from ._specs import BackboneSpec
-from .graph import atoms_to_graph, collate
-from .potential import Potential
+from .. import keys as K
+from .._specs import BackboneSpec
+from ..graph import atoms_to_graph, collate
+from ..potential import Potential
+from ._common import CheckResult, finish
 
 __all__ = ["CheckResult", "check_backbone", "make_test_potential", "sample_structures", "predict"]
 
 _ELEMENTS = (1, 8)
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check: its name, the largest error found, the tolerance and whether it passed."""
-
-    name: str
-    error: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.error <= self.tolerance)
 
 
 def make_test_potential(
@@ -217,8 +203,4 @@ def check_backbone(
     conservative = not potential.backbone.direct_forces
     results = _checks(potential, sample_structures(seed), equivariant, np.random.default_rng(seed),
                       tol, fd_tol, conservative)
-    failed = [r for r in results if not r.passed]
-    if failed:
-        lines = "\n".join(f"  {r.name}: error {r.error:.3g} > tolerance {r.tolerance:.1g}" for r in failed)
-        raise ConformanceError(f"{len(failed)} of {len(results)} conformance checks failed:\n{lines}")
-    return results
+    return finish(results)

@@ -1,0 +1,53 @@
+"""Atomic writes: a temporary file beside the target, flushed and fsynced, then renamed over it,
+so a reader (or a process killed mid-write) sees the old file or the new one, never half of one.
+The one helper every state file, checkpoint and model file goes through."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import torch
+
+__all__ = ["atomic_write", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json"]
+
+
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file (binary), fsync it and rename it to ``path``;
+    the temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: Path | str) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_json_atomic(path: Path | str, data: Any) -> Path:
+    """Write JSON to ``path`` atomically (indented, readable)."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def read_json(path: Path | str, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` if the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else default

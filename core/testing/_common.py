@@ -1,0 +1,38 @@
+"""What every conformance kit shares: the result record and the final verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .._errors import ConformanceError
+
+__all__ = ["CheckResult", "check", "finish"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: its name, the largest error found, the tolerance and whether it passed
+    (``error <= tolerance``; a yes/no check uses error 0 or 1 against tolerance 0)."""
+
+    name: str
+    error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.tolerance)
+
+
+def check(name: str, ok: bool) -> CheckResult:
+    """A yes/no check as a :class:`CheckResult`."""
+    return CheckResult(name, 0.0 if ok else 1.0, 0.0)
+
+
+def finish(results: Sequence[CheckResult]) -> list[CheckResult]:
+    """``results`` if all passed, else a :class:`ConformanceError` listing every failure."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        lines = "\n".join(f"  {r.name}: error {r.error:.3g} > tolerance {r.tolerance:.1g}" for r in failed)
+        raise ConformanceError(f"{len(failed)} of {len(results)} conformance checks failed:\n{lines}")
+    return list(results)
