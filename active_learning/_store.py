@@ -1,5 +1,5 @@
 """A campaign's records on disk: the label journal (keyed by ``structure_hash``, defined in
-``atomforge.exploration`` and shared with explorers), the labelled data set and atomically
+``atomforge.exploration.records`` and shared with explorers), the labelled data set and atomically
 written JSON state.
 
 Crash safety rests on two append-only files written in a fixed order. For every finished label

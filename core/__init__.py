@@ -36,10 +36,15 @@ from ._specs import (
     TrackerSpec,
     UQHeadSpec,
 )
-from .backends import Step, TorchBackend, TrainingBackend, autocast_context, cast_outputs, resolve_device
-from .calculator import AtomforgeCalculator, load_calculator
+from .analysis.calibration import calibrate
+from .analysis.evaluate import evaluate, evaluate_uncertainty, uncertainty_metrics
+from .analysis.metrics import ErrorAccumulator, UQAccumulator
+from .analysis.physics import model_curl, random_rotations, rotate_batch
+from .analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot, pyplot, save_figure
 from .config import RunConfig, SourceConfig, apply_overrides, config_from_dict, load_config, read_yaml
-from .data import (
+from .data.fields import DEFAULT_FIELDS, FieldKind, FieldSpec, FieldTable, collate, replicate_batch, split_batch
+from .data.graph import GraphDataset, atoms_to_graph, iterate_batches, neighbor_list
+from .data.structures import (
     Labels,
     Metadata,
     attach_labels,
@@ -48,8 +53,10 @@ from .data import (
     get_metadata,
     validate_structure,
 )
-from .evaluate import evaluate, evaluate_uncertainty, uncertainty_metrics
-from .exploration import (
+from .devices import autocast_context, cast_outputs, resolve_device
+from .exploration.flagging import UncertaintyFlagger, read_candidates
+from .exploration.oracle import CalculatorOracle, LabelResult, Oracle, OracleFailure, OracleTimeout, label_safely
+from .exploration.records import (
     Candidate,
     Explorer,
     Selection,
@@ -59,21 +66,22 @@ from .exploration import (
     uncertainty_of,
     unphysical_reason,
 )
-from .fields import DEFAULT_FIELDS, FieldKind, FieldSpec, FieldTable, collate, replicate_batch, split_batch
-from .flagging import UncertaintyFlagger, read_candidates
-from .graph import GraphDataset, atoms_to_graph, iterate_batches, neighbor_list
 from .hookspecs import hookimpl, hookspec
-from .losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm
-from .metrics import ErrorAccumulator, UQAccumulator
-from .modelfile import build_potential, load_model, read_model_file, save_model
-from .optim import make_optimizer, make_scheduler
-from .oracle import CalculatorOracle, LabelResult, Oracle, OracleFailure, OracleTimeout, label_safely
-from .physics import model_curl, random_rotations, rotate_batch
-from .plots import calibration_plot, error_vs_uncertainty_plot, parity_plot, pyplot, save_figure
-from .potential import Backbone, Potential, differentiable_inputs, energy_derivatives, fit_normalization, scatter_sum
+from .model.calculator import AtomforgeCalculator, load_calculator
+from .model.modelfile import build_potential, load_model, read_model_file, save_model
+from .model.potential import (
+    Backbone,
+    Potential,
+    differentiable_inputs,
+    energy_derivatives,
+    fit_normalization,
+    scatter_sum,
+)
+from .model.uncertainty import UQFitContext, UQHead, member_statistics
 from .registry import DEFAULT_PLUGINS, PluginLoadWarning, Registry, make_plugin_manager, make_registry
 from .tracking import Tracker, TrackerCallback, flatten
-from .training import (
+from .training.backends import Step, TorchBackend, TrainingBackend
+from .training.loop import (
     Callback,
     EpochRecord,
     Trainer,
@@ -82,8 +90,9 @@ from .training import (
     has_checkpoint,
     read_training_state,
 )
-from .uncertainty import UQFitContext, UQHead, calibrate, member_statistics
-from .workflow import TrainOutcome, check_config, train
+from .training.losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm
+from .training.optim import make_optimizer, make_scheduler
+from .workflows.train import TrainOutcome, check_config, train
 
 __version__ = "0.2.0"
 

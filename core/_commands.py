@@ -29,7 +29,7 @@ def _train(parser: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace, registry: Registry) -> int:
         from . import distributed
         from .config import load_config
-        from .workflow import train
+        from .workflows.train import train
 
         config = load_config(args.config, args.overrides)
         if args.nproc > 1 and not distributed.is_launched():
@@ -119,9 +119,9 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
     _physics_arguments(parser)
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
-        from .backends import resolve_device
-        from .evaluate import evaluate, uncertainty_metrics
-        from .modelfile import load_model
+        from .analysis.evaluate import evaluate, uncertainty_metrics
+        from .model.modelfile import load_model
+        from .devices import resolve_device
 
         device = resolve_device(args.device)
         model = load_model(args.model, registry=registry).to(device)
@@ -134,7 +134,7 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
             if hasattr(model, "calibration"):  # a UQ head: spread vs error too
                 report[str(path)].update(uncertainty_metrics(model, structures, batch_size=args.batch_size))
             if args.physics:  # rotation error, curl, NVE drift, MD stability (docs/physics.md)
-                from .physics import physics_metrics
+                from .analysis.physics import physics_metrics
 
                 report[str(path)].update(physics_metrics(model.to("cpu"), structures, _physics_settings(args)))
                 model.to(device)
@@ -172,8 +172,8 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
         import ase.io
 
         from ._errors import ConfigError
-        from .calculator import load_calculator
-        from .md import run_md
+        from .analysis.md import run_md
+        from .model.calculator import load_calculator
 
         if args.candidates is not None and args.flag_uncertain is None:
             raise ConfigError("--candidates needs --flag-uncertain LEVEL (the trust level, max force std in eV/Å)")
@@ -224,7 +224,7 @@ def _demo(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--tracking", default="mlflow", help="tracker plugin (mlflow | none)")
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
-        from .demo import run_demo
+        from .workflows.demo import run_demo
 
         run_demo(registry, args.out, quick=args.quick, tracking=args.tracking)
         return 0

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ._errors import ConfigError
-from .optim import SCHEDULERS
+from .training.optim import SCHEDULERS
 
 __all__ = [
     "SourceConfig",
@@ -114,7 +114,7 @@ class UQConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Physics metrics after training (``atomforge.physics``; docs/physics.md)."""
+    """Physics metrics after training (``atomforge.analysis.physics``; docs/physics.md)."""
 
     physics: bool = False  # compute them after training and log them (physics_* metrics)
     structures: int = 16  # first N test (else validation) structures for rotation and curl
@@ -349,7 +349,7 @@ def _model_block(value: Any, base_dir: Path) -> dict[str, Any]:
     if block.get("init_from") is None:
         block.pop("init_from", None)
         return block
-    from .finetune import merge_model_config
+    from .model.finetune import merge_model_config
 
     path = Path(_resolve_path(str(block["init_from"]), base_dir))
     if not path.is_file():

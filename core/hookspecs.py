@@ -48,7 +48,7 @@ from ._specs import (
     TrackerSpec,
     UQHeadSpec,
 )
-from .fields import FieldSpec
+from .data.fields import FieldSpec
 
 PROJECT_NAME = "atomforge"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

@@ -21,7 +21,7 @@ import pluggy
 from . import hookspecs
 from ._errors import DuplicatePluginError, PluginError, UnknownPluginError
 from ._specs import PluginKind, Spec
-from .fields import DEFAULT_FIELDS, FieldSpec, FieldTable
+from .data.fields import DEFAULT_FIELDS, FieldSpec, FieldTable
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -199,7 +199,7 @@ class Registry:
 
     @property
     def fields(self) -> FieldTable:
-        """The batch fields: atomforge's (:data:`~atomforge.fields.DEFAULT_FIELDS`) plus every
+        """The batch fields: atomforge's (:data:`~atomforge.DEFAULT_FIELDS`) plus every
         plugin's (``register_fields``); a name declared twice is a :class:`PluginError`."""
         if self._fields is None:
             provided = self.entries(PluginKind.FIELD)

@@ -8,7 +8,7 @@
 - ``normal_modes`` — normal-mode sampling for molecules: Boltzmann-distributed displacements
   along the modes of a finite-difference Hessian of the calculator;
 - ``candidates_file`` — no simulation: the configurations that production runs flagged as
-  uncertain (``atomforge md --flag-uncertain``, see ``atomforge.flagging``), read back from
+  uncertain (``atomforge md --flag-uncertain``, see ``atomforge.exploration.flagging``), read back from
   their candidates files, so a campaign labels them.
 
 Explorers return unlabelled copies with ``info['explorer']`` (and what made them) set.

@@ -75,7 +75,7 @@ def test_close_contact_through_a_periodic_image() -> None:
 
 def test_unseen_element_at_inference(tmp_path, cu_files) -> None:
     from atomforge import config_from_dict, make_registry
-    from atomforge.workflow import train
+    from atomforge.workflows.train import train
 
     from conftest import tiny_config
 

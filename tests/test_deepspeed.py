@@ -18,7 +18,7 @@ import yaml
 from ase.io import read, write
 
 from atomforge import ConfigError, config_from_dict, evaluate, load_model, read_training_state
-from atomforge.graph import GraphDataset
+from atomforge.data.graph import GraphDataset
 from atomforge.plugins.deepspeed_engine import (
     deepspeed_config,
     imbalance,
@@ -26,8 +26,8 @@ from atomforge.plugins.deepspeed_engine import (
     plan_epoch,
     shard_batch,
 )
-from atomforge.training import TrainSettings
-from atomforge.workflow import check_config, train
+from atomforge.training.loop import TrainSettings
+from atomforge.workflows.train import check_config, train
 
 from conftest import cu_structures, tiny_config
 
@@ -169,7 +169,7 @@ def test_two_process_zero_matches_single_process_and_exports_a_plain_model(ds_se
     check = subprocess.run(
         [sys.executable, "-c", (
             "import sys, json; sys.modules['deepspeed'] = None\n"  # loading must not need DeepSpeed
-            "from atomforge import load_model, evaluate\nfrom atomforge.graph import GraphDataset\n"
+            "from atomforge import load_model, evaluate\nfrom atomforge.data.graph import GraphDataset\n"
             "from ase.io import read\n"
             f"m = load_model({str(run_dir / 'model.pt')!r})\n"
             f"v = GraphDataset(read({str(ds_setup['folder'] / 'valid.extxyz')!r}, ':'), 4.0)\n"

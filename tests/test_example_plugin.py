@@ -31,7 +31,7 @@ from atomforge import (
     read_model_file,
 )
 from atomforge.testing import check_backbone, predict
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 from conftest import cu_structures, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -113,7 +113,7 @@ def test_normal_modes_reject_periodic_structures(registry) -> None:
 def test_exploded_frames_are_recognised_through_periodic_images() -> None:
     from ase.build import bulk, molecule
 
-    from atomforge.exploration import min_distance_ratio, unphysical_reason
+    from atomforge.exploration.records import min_distance_ratio, unphysical_reason
 
     cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
     assert 0.9 < min_distance_ratio(cell) < 1.0  # 2.55 Å / (2 × 1.32 Å)

@@ -8,7 +8,7 @@ from ase.build import molecule
 from ase.io import write
 
 from atomforge import ConfigError, DataValidationError, ModelFileError, config_from_dict, load_model
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 from conftest import emt_label, tiny_config
 

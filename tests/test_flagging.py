@@ -15,10 +15,10 @@ from ase.io import read, write
 from atomforge import AtomforgeCalculator, ConfigError, Potential, config_from_dict, get_labels, load_calculator
 from atomforge.active_learning import LabelJournal, campaign_from_dict, run_campaign
 from atomforge.cli import main
-from atomforge.exploration import structure_hash
-from atomforge.flagging import UncertainConfigurationWarning, UncertaintyFlagger, read_candidates
-from atomforge.md import run_md
-from atomforge.workflow import train
+from atomforge.exploration.records import structure_hash
+from atomforge.exploration.flagging import UncertainConfigurationWarning, UncertaintyFlagger, read_candidates
+from atomforge.analysis.md import run_md
+from atomforge.workflows.train import train
 
 from conftest import cu_structures
 

@@ -17,7 +17,7 @@ from atomforge import (
     make_registry,
     read_model_file,
 )
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 from conftest import cu_structures, tiny_config
 

@@ -15,12 +15,12 @@ from ase.io import read
 from atomforge import Backbone, ConformanceError, attach_labels, config_from_dict, load_model, read_training_state
 from atomforge import keys as K
 from atomforge.config import EvaluationConfig
-from atomforge.graph import atoms_to_graph, collate
-from atomforge.physics import (curl_estimate, curl_metrics, model_curl, nve_stability, physics_metrics,
+from atomforge.data.graph import atoms_to_graph, collate
+from atomforge.analysis.physics import (curl_estimate, curl_metrics, model_curl, nve_stability, physics_metrics,
                                random_rotations, rotation_error)
-from atomforge.potential import Potential
+from atomforge.model.potential import Potential
 from atomforge.testing import check_backbone, make_test_potential, sample_structures
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 from conftest import tiny_config
 
@@ -212,7 +212,7 @@ def test_nve_drift_of_a_constant_force_matches_the_hand_computed_value() -> None
     energy grows as N f² t² / 2m, so the fitted drift over [0, T] is (f²/2m) T per atom."""
     f, steps, dt = 0.02, 200, 1.0
     settings = EvaluationConfig(physics=True, nve_steps=steps, timestep_fs=dt, temperature=50.0, seed=1)
-    from atomforge.calculator import AtomforgeCalculator
+    from atomforge.model.calculator import AtomforgeCalculator
 
     md = nve_stability(_cu_cluster(), AtomforgeCalculator(_field_model("constant", f)), settings)
     mass = _cu_cluster().get_masses()[0]
@@ -227,7 +227,7 @@ def test_nve_drift_of_a_constant_force_matches_the_hand_computed_value() -> None
 def test_md_stability_catches_collapsing_atoms() -> None:
     """-k r with zero energy pulls every atom through the origin: overlap and energy blow-up."""
     settings = EvaluationConfig(physics=True, nve_steps=400, timestep_fs=2.0, temperature=10.0)
-    from atomforge.calculator import AtomforgeCalculator
+    from atomforge.model.calculator import AtomforgeCalculator
 
     md = nve_stability(_cu_cluster(), AtomforgeCalculator(_field_model("pull", 0.5)), settings)
     assert 0 < md.stable_steps < 400

@@ -46,10 +46,10 @@ def test_plugins_import_only_the_public_api(folder: str) -> None:
 def test_the_checker_catches_private_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "bad.py").write_text(
-        "from atomforge.training import _KEEP\nfrom atomforge import Trainer, _secret\nimport atomforge.plugins.painn\n")
+        "from atomforge.training.loop import _KEEP\nfrom atomforge import Trainer, _secret\nimport atomforge.plugins.painn\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     bad = _violations("plugins")
-    assert len(bad) == 3 and "atomforge.training" in bad[0] and "_secret" in bad[1] and "plugins.painn" in bad[2]
+    assert len(bad) == 3 and "atomforge.training.loop" in bad[0] and "_secret" in bad[1] and "plugins.painn" in bad[2]
 
 
 def test_every_exported_name_exists_and_is_documented() -> None:
@@ -58,3 +58,20 @@ def test_every_exported_name_exists_and_is_documented() -> None:
     assert missing == []
     undocumented = [name for name in atomforge.__all__ if name != "__version__" and f"`{name}" not in guide]
     assert undocumented == [], f"docs/plugins.md (the public surface) does not mention {undocumented}"
+
+
+LAYERS = ("data", "exploration", "model", "analysis", "training", "workflows")  # each imports only those before it
+
+
+def test_core_sub_packages_import_only_upstream_ones() -> None:
+    """Data flows one way through core: a sub-package never imports one downstream of it."""
+    bad = []
+    for position, package in enumerate(LAYERS):
+        allowed = set(LAYERS[:position + 1])
+        for path in sorted((ROOT / "core" / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                    target = node.module.split(".")[0]
+                    if target in LAYERS and target not in allowed:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target} (downstream of {package})")
+    assert bad == []

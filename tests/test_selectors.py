@@ -7,7 +7,7 @@ import pytest
 from ase.build import bulk
 
 from atomforge import ConfigError
-from atomforge.exploration import Candidate
+from atomforge.exploration.records import Candidate
 
 STDS = [0.01, 0.04, 0.05, 0.1, 0.2, 0.3, 0.49, 0.5, 0.9, 2.0]
 

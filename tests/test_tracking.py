@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from atomforge import config_from_dict
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 from conftest import tiny_config
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from atomforge import ConfigError, config_from_dict, has_checkpoint, load_config, read_model_file, read_training_state
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 from conftest import tiny_config
 

@@ -22,11 +22,12 @@ from atomforge import (
 )
 from atomforge import keys as K
 from atomforge.cli import main
-from atomforge.graph import GraphDataset
-from atomforge.potential import differentiable_inputs, energy_derivatives
-from atomforge.metrics import miscalibration_area, spearman
-from atomforge.uncertainty import fit_isotonic, fit_variance_scale, member_statistics, replicate_batch
-from atomforge.workflow import train
+from atomforge.data.graph import GraphDataset
+from atomforge.model.potential import differentiable_inputs, energy_derivatives
+from atomforge.analysis.metrics import miscalibration_area, spearman
+from atomforge.analysis.calibration import fit_isotonic, fit_variance_scale
+from atomforge.model.uncertainty import member_statistics, replicate_batch
+from atomforge.workflows.train import train
 
 from conftest import cu_structures, tiny_config
 
@@ -132,7 +133,7 @@ def test_latent_distance_grows_far_from_the_training_data(registry, method: str)
 
 
 def test_unknown_head_option_is_a_config_error(registry) -> None:
-    from atomforge.uncertainty import build_uq_head
+    from atomforge.model.uncertainty import build_uq_head
 
     with pytest.raises(ConfigError, match="rejected its options"):
         build_uq_head(_potential(registry), {"name": "deep_ensemble", "options": {"bogus": 1}}, registry)

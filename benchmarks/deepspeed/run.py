@@ -96,11 +96,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from atomforge import build_potential, make_registry
     from atomforge import distributed as dist
-    from atomforge.graph import GraphDataset
-    from atomforge.losses import CompositeLoss, WeightedTerm
+    from atomforge.data.graph import GraphDataset
+    from atomforge.training.losses import CompositeLoss, WeightedTerm
     from atomforge.registry import PluginKind
-    from atomforge.training import TorchEngine, TrainSettings, make_optimizer
-    from atomforge.workflow import model_spec
+    from atomforge.training.loop import TorchEngine, TrainSettings, make_optimizer
+    from atomforge.workflows.train import model_spec
     from atomforge.config import config_from_dict
 
     registry = make_registry()
@@ -225,7 +225,7 @@ def _timed_imbalance(engine, dataset) -> float:  # noqa: ANN001
 
     from atomforge import distributed as dist
     from atomforge import keys as K
-    from atomforge.graph import collate
+    from atomforge.data.graph import collate
 
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123)).tolist()
     mine = []

@@ -45,7 +45,7 @@ from ase.calculators.emt import EMT
 from ase.io import write
 
 import atomforge
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 HERE = Path(__file__).resolve().parent
 

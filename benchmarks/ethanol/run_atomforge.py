@@ -31,7 +31,7 @@ from ase import Atoms
 from ase.io import read
 
 import atomforge
-from atomforge.workflow import train
+from atomforge.workflows.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench_timing import median_call_ms  # noqa: E402

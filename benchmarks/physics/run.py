@@ -6,7 +6,7 @@
 
 Variants, each trained through ``atomforge.workflow.train`` (the CLI's code path) for the SAME
 wall-clock budget on ONE thread (cosine LR over the budget), then measured with
-``atomforge.physics``:
+``atomforge.analysis.physics``:
 
 =================  =====================================================================
 ``direct-noaug``   transformer, ``forces: direct``, no augmentation
@@ -46,10 +46,10 @@ from ase import Atoms
 from ase.io import read, write
 
 import atomforge
-from atomforge.calculator import AtomforgeCalculator
+from atomforge.model.calculator import AtomforgeCalculator
 from atomforge.config import EvaluationConfig
-from atomforge.physics import curl_metrics, nve_stability, rotation_error
-from atomforge.workflow import train
+from atomforge.analysis.physics import curl_metrics, nve_stability, rotation_error
+from atomforge.workflows.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench_timing import median_call_ms  # noqa: E402
@@ -66,7 +66,7 @@ def system_data(system: str, registry: atomforge.Registry) -> tuple[Path, Path]:
     folder = HERE / "data"
     train_path, test_path = folder / "cu_train.extxyz", folder / "cu_test.extxyz"
     if not train_path.exists():
-        from atomforge.demo import make_cu_data
+        from atomforge.workflows.demo import make_cu_data
 
         folder.mkdir(parents=True, exist_ok=True)
         train_set, test_set = make_cu_data(registry, n_train=200, n_test=50, seed=7)
@@ -107,7 +107,7 @@ def time_calls(model: torch.nn.Module, atoms: Atoms, n_calls: int = 200, n_warmu
 
 def time_model(model: torch.nn.Module, atoms: Atoms, n_calls: int = 300) -> float:
     """Median ms of ``model(batch)`` (energy + forces, no stress, no neighbour list)."""
-    from atomforge.graph import atoms_to_graph, collate
+    from atomforge.data.graph import atoms_to_graph, collate
 
     batch = collate([atoms_to_graph(atoms, model.cutoff)])
     for parameter in model.parameters():

@@ -49,9 +49,9 @@ from ase.io import read, write
 
 import atomforge
 from atomforge import AtomforgeCalculator, UQFitContext, attach_labels, calibrate, evaluate_uncertainty
-from atomforge.graph import GraphDataset
-from atomforge.uncertainty import build_uq_head
-from atomforge.workflow import train
+from atomforge.data.graph import GraphDataset
+from atomforge.model.uncertainty import build_uq_head
+from atomforge.workflows.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench_timing import median_call_ms  # noqa: E402
@@ -185,7 +185,7 @@ def quality(models: dict[str, torch.nn.Module], sets: dict[str, GraphDataset]) -
         for set_name in ("test", "ood"):
             metrics = evaluate_uncertainty(model, sets[set_name]).metrics()
             out[f"{name}/{set_name}"] = {k: metrics[k] for k in keep}
-            acc = atomforge.evaluate(model, sets[set_name])
+            acc = atomforge.analysis.evaluate(model, sets[set_name])
             out[f"{name}/{set_name}"]["forces_mae_meV"] = acc.metrics()["forces_mae"]
     return out
 

@@ -22,8 +22,8 @@ from ase import Atoms
 
 from .. import keys as K
 from .._specs import BackboneSpec
-from ..graph import atoms_to_graph, collate
-from ..potential import Potential
+from ..data.graph import atoms_to_graph, collate
+from ..model.potential import Potential
 from ._common import CheckResult, finish
 
 __all__ = ["CheckResult", "check_backbone", "make_test_potential", "sample_structures", "predict"]

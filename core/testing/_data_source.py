@@ -28,7 +28,7 @@ from ase import Atoms
 
 from .._errors import AtomforgeError, ConfigError
 from .._specs import DataSourceSpec
-from ..data import validate_structure
+from ..data.structures import validate_structure
 from ._common import CheckResult, check, finish
 
 __all__ = ["check_data_source"]

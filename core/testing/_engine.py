@@ -13,13 +13,13 @@ import torch
 
 from .. import keys as K
 from .._specs import EngineSpec
-from ..backends import TrainingBackend
-from ..evaluate import evaluate
-from ..graph import GraphDataset
-from ..losses import CompositeLoss
-from ..optim import make_optimizer
-from ..potential import Potential
-from ..training import Trainer, TrainSettings
+from ..analysis.evaluate import evaluate
+from ..data.graph import GraphDataset
+from ..model.potential import Potential
+from ..training.backends import TrainingBackend
+from ..training.loop import Trainer, TrainSettings
+from ..training.losses import CompositeLoss
+from ..training.optim import make_optimizer
 from ._common import CheckResult, check, finish
 from ._models import RadialTestBackbone, lj_clusters
 
@@ -33,7 +33,7 @@ def _potential(seed: int, dtype: torch.dtype) -> Potential:
 
 
 def _loss() -> CompositeLoss:
-    from ..losses import WeightedTerm
+    from ..training.losses import WeightedTerm
 
     class _Forces:
         requires = (K.FORCES,)

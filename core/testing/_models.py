@@ -12,8 +12,8 @@ from ase.calculators.lj import LennardJones
 from torch import nn
 
 from .. import keys as K
-from ..data import attach_labels
-from ..potential import Backbone, scatter_sum
+from ..data.structures import attach_labels
+from ..model.potential import Backbone, scatter_sum
 
 __all__ = ["RadialTestBackbone", "lj_clusters"]
 

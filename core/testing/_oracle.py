@@ -31,8 +31,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from .._specs import OracleSpec
-from ..data import get_labels
-from ..oracle import Oracle
+from ..data.structures import get_labels
+from ..exploration.oracle import Oracle
 from ._common import CheckResult, check, finish
 
 __all__ = ["check_oracle", "default_oracle_structures"]

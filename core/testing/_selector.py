@@ -25,7 +25,7 @@ from ase import Atoms
 
 from .._errors import AtomforgeError
 from .._specs import SelectorSpec
-from ..exploration import Candidate, Selection
+from ..exploration.records import Candidate, Selection
 from ._common import CheckResult, check, finish
 
 __all__ = ["check_selector", "synthetic_candidates"]

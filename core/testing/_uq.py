@@ -43,11 +43,12 @@ from ase import Atoms
 
 from .. import keys as K
 from .._specs import UQHeadSpec
-from ..data import attach_labels
-from ..fields import collate
-from ..graph import GraphDataset, atoms_to_graph
-from ..potential import Potential
-from ..uncertainty import UQFitContext, UQHead, calibrate
+from ..analysis.calibration import calibrate
+from ..data.fields import collate
+from ..data.graph import GraphDataset, atoms_to_graph
+from ..data.structures import attach_labels
+from ..model.potential import Potential
+from ..model.uncertainty import UQFitContext, UQHead
 from ._backbone import make_test_potential, sample_structures
 from ._common import CheckResult, check, finish
 from ._models import RadialTestBackbone

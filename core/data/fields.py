@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from . import keys as K
-from ._errors import DataValidationError, PluginError
-from ._specs import PluginKind
+from .. import keys as K
+from .._errors import DataValidationError, PluginError
+from .._specs import PluginKind
 
 __all__ = [
     "FieldKind", "FieldSpec", "FieldTable", "DEFAULT_FIELDS", "read_fields", "collate", "replicate_batch",

@@ -20,8 +20,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
-from ._errors import AtomforgeError
-from .data import attach_labels, get_labels
+from .._errors import AtomforgeError
+from ..data.structures import attach_labels, get_labels
 
 __all__ = [
     "Oracle",

@@ -1,7 +1,7 @@
 """Flag configurations a UQ model is unsure about, in everyday use (MD, relaxations, any ASE driver).
 
 An :class:`UncertaintyFlagger` looks at the results of every calculation of a UQ calculator. When
-the max force std σ (``forces_std_max``, read by :func:`atomforge.exploration.uncertainty_of`)
+the max force std σ (``forces_std_max``, read by :func:`atomforge.uncertainty_of`)
 reaches the trust level, it appends the configuration to an extxyz *candidates file*, one frame
 per flagged calculation, in one write that is flushed and fsynced: a crash loses nothing already
 flagged. The first flag of a flagger issues one :class:`UncertainConfigurationWarning` naming the
@@ -26,9 +26,9 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from ._errors import ConfigError
-from .data import complete_extxyz_length
-from .exploration import uncertainty_of
+from .._errors import ConfigError
+from ..data.structures import complete_extxyz_length
+from .records import uncertainty_of
 
 __all__ = ["UncertaintyFlagger", "UncertainConfigurationWarning", "read_candidates"]
 
@@ -44,7 +44,7 @@ class UncertaintyFlagger:
     """Append every configuration whose max force std σ ≥ ``trust_level`` (eV/Å) to ``path``.
 
     ``step`` is the step written with a frame: a driver that knows its step number sets it
-    (:func:`atomforge.md.run_md` does); while it is ``None`` the count of calculations so far
+    (:func:`atomforge.analysis.md.run_md` does); while it is ``None`` the count of calculations so far
     (0-based) is written instead. An existing file is appended to, never truncated.
     """
 

@@ -4,13 +4,13 @@ A UQ head (:func:`atomforge.hookspecs.register_uq_heads`) wraps a trained or to-
 :class:`~atomforge.Potential` and returns the usual outputs (mean energy, forces, stress) plus
 :data:`keys.ENERGY_STD` [B], :data:`keys.FORCES_STD` [N] (std of each force component of an
 atom) and :data:`keys.FORCES_STD_MAX` [B]. Forces always come from the Potential's
-:func:`~atomforge.potential.energy_derivatives`, so conservation lives in one place.
+:func:`~atomforge.energy_derivatives`, so conservation lives in one place.
 
 The raw spread of a head is rarely calibrated, so every head carries a :class:`Calibration`
-fitted on the validation set (:func:`calibrate`): a variance scale by Gaussian NLL minimisation
+fitted on the validation set (:func:`atomforge.calibrate`, in :mod:`atomforge.analysis.calibration`): a variance scale by Gaussian NLL minimisation
 (closed form) or an isotonic map (scikit-learn). It is stored as JSON in the model file.
-UQ metrics live in :mod:`atomforge.metrics`, their plots in :mod:`atomforge.plots` and the UQ
-steps of ``atomforge train`` in :mod:`atomforge.workflow`. See ``docs/uq.md``.
+UQ metrics live in :mod:`atomforge.analysis.metrics`, their plots in :mod:`atomforge.analysis.plots` and the UQ
+steps of ``atomforge train`` in :mod:`atomforge.workflows.train`. See ``docs/uq.md``.
 """
 
 from __future__ import annotations
@@ -19,24 +19,23 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import keys as K
-from ._errors import ConfigError
-from ._specs import PluginKind
-from .fields import DEFAULT_FIELDS, FieldTable, replicate_batch
-from .graph import GraphDataset
-from .metrics import TINY as _TINY
+from .. import keys as K
+from .._errors import ConfigError
+from .._specs import PluginKind
+from ..data.fields import DEFAULT_FIELDS, FieldTable, replicate_batch
+from ..data.graph import GraphDataset
 from .potential import Potential
 
 __all__ = [
     "CALIBRATION_METHODS", "Calibration", "UQHead", "UQFitContext", "build_uq_head", "raw_spread",
-    "member_statistics", "replicate_batch", "fit_variance_scale", "fit_isotonic", "calibrate",
+    "member_statistics", "replicate_batch",
 ]
 
 CALIBRATION_METHODS = ("scale", "isotonic", "none")
+_TINY = 1e-12
 
 
 # -- calibration -----------------------------------------------------------------------------------
@@ -94,26 +93,6 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     x0, x1, y0, y1 = xp[index - 1], xp[index], fp[index - 1], fp[index]
     t = (x - x0) / (x1 - x0).clamp_min(_TINY)
     return y0 + t * (y1 - y0)
-
-
-def fit_variance_scale(errors: np.ndarray, stds: np.ndarray) -> float:
-    """The ``s`` minimising the Gaussian NLL of ``errors`` under ``N(0, (s·σ)²)``: closed form
-    ``s² = mean(e²/σ²)``. Zero stds are ignored (they carry no information about ``s``)."""
-    errors, stds = np.asarray(errors, float).ravel(), np.asarray(stds, float).ravel()
-    keep = stds > _TINY
-    if not keep.any():
-        return 1.0
-    return float(np.sqrt(np.mean((errors[keep] / stds[keep]) ** 2)))
-
-
-def fit_isotonic(errors: np.ndarray, stds: np.ndarray) -> dict[str, list[float]]:
-    """A monotone map raw σ → calibrated σ: isotonic regression (scikit-learn) of the squared
-    error on the raw std, then a square root. Returned as knots ``{"x": [...], "y": [...]}``."""
-    from sklearn.isotonic import IsotonicRegression
-
-    errors, stds = np.asarray(errors, float).ravel(), np.asarray(stds, float).ravel()
-    iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=_TINY).fit(stds, errors**2)
-    return {"x": [float(v) for v in iso.X_thresholds_], "y": [float(np.sqrt(v)) for v in iso.y_thresholds_]}
 
 
 # -- the base class of heads -------------------------------------------------------------------------
@@ -218,29 +197,3 @@ def _std(values: torch.Tensor) -> torch.Tensor:
     """Population std over axis 0 (an ensemble of identical members has exactly zero)."""
     centred = values - values.mean(0, keepdim=True)
     return centred.pow(2).mean(0).clamp_min(0).sqrt()
-
-
-def calibrate(head: UQHead, valid: GraphDataset, *, method: str = "scale", batch_size: int = 32) -> dict[str, Any]:
-    """Fit the head's calibration on ``valid`` (raw spread vs actual error) and install it.
-
-    ``scale``: variance scale by NLL minimisation, per quantity; ``isotonic``: the scale, then
-    an isotonic map on top; ``none``: identity. Returns the JSON record (also kept by the head).
-    """
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(f"uq.calibration: unknown method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
-    from .evaluate import evaluate_uncertainty
-
-    with raw_spread(head):
-        acc = evaluate_uncertainty(head, valid, batch_size=batch_size)
-    record: dict[str, Any] = {"method": method}
-    for quantity in ("energy", "forces"):
-        if f"{quantity}_error" not in acc.parts or method == "none":
-            continue
-        errors, stds = acc.pairs(quantity)
-        record[quantity] = {"scale": fit_variance_scale(errors, stds)}
-        if method == "isotonic":
-            stds = stds if quantity == "energy" else acc.array("forces_std")
-            errors = errors if quantity == "energy" else np.sqrt((acc.array("forces_error") ** 2).mean(-1))
-            record[quantity] = fit_isotonic(errors, stds)
-    head.calibration.load(record)
-    return record

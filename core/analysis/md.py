@@ -16,7 +16,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["MDSummary", "run_md"]
 

@@ -13,11 +13,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ._errors import ModelFileError, PluginError
-from ._specs import PluginKind
+from .._errors import ModelFileError, PluginError
+from .._io import atomic_save
+from .._specs import PluginKind
+from ..registry import Registry, make_registry
 from .potential import Potential
-from .registry import Registry, make_registry
-from ._io import atomic_save
 
 __all__ = [
     "FORMAT", "VERSION", "build_model", "build_potential", "save_model", "load_model", "read_model_file",

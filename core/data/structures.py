@@ -16,7 +16,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
-from ._errors import DataValidationError
+from .._errors import DataValidationError
 
 __all__ = [
     "Labels",
@@ -98,7 +98,7 @@ def _as_energy(value: object) -> float:
 def get_metadata(atoms: Atoms) -> Metadata:
     """Charge, spin, fidelity and weight from ``atoms.info`` (defaults where absent; the charge
     defaults to the sum of ASE's per-atom initial charges, which is how an ASE db stores it).
-    Read by the same field readers that put them into graphs (:data:`atomforge.fields.DEFAULT_FIELDS`)."""
+    Read by the same field readers that put them into graphs (:data:`atomforge.DEFAULT_FIELDS`)."""
     from .fields import DEFAULT_FIELDS
 
     def value(key: str) -> object:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import keys as K
-from ._errors import UnseenElementError
+from .. import keys as K
+from .._errors import UnseenElementError
 
 __all__ = [
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "fit_normalization",

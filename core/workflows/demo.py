@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk
 from ase.io import write
 from ase.md.langevin import Langevin
-from ase import units
 
-from ._specs import PluginKind
-from .calculator import load_calculator
-from .config import config_from_dict
-from .md import run_md
-from .registry import Registry
-from .workflow import has_checkpoint, train
+from .._specs import PluginKind
+from ..analysis.md import run_md
+from ..config import config_from_dict
+from ..model.calculator import load_calculator
+from ..registry import Registry
+from .train import has_checkpoint, train
 
 __all__ = ["make_cu_data", "run_demo"]
 
@@ -83,7 +82,7 @@ def run_demo(registry: Registry, out: Path, *, quick: bool = False, tracking: st
     print(f"[2/4] training PaiNN (config: {out / 'config.yaml'}) ...", file=sys.stderr)
     resume = has_checkpoint(out / "run")
     outcome = train(config_from_dict(raw, out), registry, resume=resume)
-    print(f"[3/4] test errors: " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.test_metrics.items()
+    print("[3/4] test errors: " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.test_metrics.items()
                                                if k.startswith("test_")), file=sys.stderr)
     print("[4/4] 200 steps of NVT MD at 600 K with the trained model ...", file=sys.stderr)
     md = run_md(test_set[0], load_calculator(outcome.model_path), steps=40 if quick else 200,

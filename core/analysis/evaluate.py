@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .fields import FieldTable
-from .graph import GraphDataset, iterate_batches
+from ..data.fields import FieldTable
+from ..data.graph import GraphDataset, iterate_batches
+from ..model.potential import Potential
 from .metrics import ErrorAccumulator, UQAccumulator
-from .potential import Potential
 
 __all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_dataset", "predicted_batches", "model_dtype",
            "model_device"]

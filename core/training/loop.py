@@ -33,14 +33,14 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from . import keys as K
-from ._errors import ConfigError
-from ._io import atomic_save, write_text_atomic
+from .. import keys as K
+from .._errors import ConfigError
+from .._io import atomic_save, write_text_atomic
+from ..analysis.metrics import ErrorAccumulator
+from ..data.fields import collate
+from ..data.graph import GraphDataset
 from .backends import TrainingBackend
-from .fields import collate
-from .graph import GraphDataset
 from .losses import CompositeLoss
-from .metrics import ErrorAccumulator
 
 __all__ = [
     "TrainSettings", "EpochRecord", "TrainResult", "Callback", "Trainer", "ExponentialMovingAverage",

@@ -33,11 +33,11 @@ from ase.data import covalent_radii
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
-from . import keys as K
-from ._errors import ConfigError
-from .config import EvaluationConfig
-from .graph import GraphDataset, iterate_batches, neighbor_list
-from .potential import Potential, differentiable_inputs, energy_derivatives
+from .. import keys as K
+from .._errors import ConfigError
+from ..config import EvaluationConfig
+from ..data.graph import GraphDataset, iterate_batches, neighbor_list
+from ..model.potential import Potential, differentiable_inputs, energy_derivatives
 
 __all__ = [
     "CurlEstimate", "MDStability", "random_rotations", "rotate_batch", "jacobian_probes",
@@ -273,7 +273,7 @@ def nve_stability(atoms: Atoms, calculator: object, settings: EvaluationConfig,
                   check_every: int = 10) -> MDStability:
     """NVE (velocity Verlet) from ``atoms`` with Maxwell–Boltzmann velocities at
     ``settings.temperature``; stops at the first failed stability check. Energy drift is the
-    slope of the total energy per atom, as in :func:`atomforge.md.run_md`."""
+    slope of the total energy per atom, as in :func:`atomforge.analysis.md.run_md`."""
     atoms = atoms.copy()
     atoms.calc = calculator
     MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature,
@@ -323,7 +323,7 @@ def physics_metrics(model: torch.nn.Module, structures: Sequence[Atoms], setting
     say(f"physics: curl ({settings.curl_probes} probes)")
     metrics.update(curl_metrics(model, dataset, probes=settings.curl_probes, seed=settings.seed))
     if settings.nve_steps > 0:
-        from .calculator import AtomforgeCalculator
+        from ..model.calculator import AtomforgeCalculator
 
         say(f"physics: NVE, {settings.nve_steps} steps of {settings.timestep_fs} fs")
         md = nve_stability(subset[0], AtomforgeCalculator(model), settings)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from . import keys as K
+from .. import keys as K
 
 __all__ = ["ErrorAccumulator", "UQAccumulator", "spearman", "gaussian_nll", "calibration_curve",
            "miscalibration_area", "ence", "TINY"]

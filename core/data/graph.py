@@ -2,7 +2,7 @@
 
 A *graph* is the ``dict[str, Tensor]`` of one structure; a *batch* concatenates graphs along
 atoms and edges with an index vector (:data:`keys.BATCH`), never padding. How each key is
-batched is declared once in the field table (:mod:`atomforge.fields`).
+batched is declared once in the field table (:mod:`atomforge.data.fields`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from ase import Atoms
 from vesin import NeighborList
 
-from . import keys as K
-from ._errors import DataValidationError
-from .data import MIN_DISTANCE, Labels, validate_structure
+from .. import keys as K
+from .._errors import DataValidationError
 from .fields import DEFAULT_FIELDS, FieldTable, collate, read_fields
+from .structures import MIN_DISTANCE, Labels, validate_structure
 
 __all__ = [
     "neighbor_list",
@@ -66,7 +66,7 @@ def atoms_to_graph(
     fields: FieldTable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build one structure's graph: geometry and neighbour list, its labels where present, and
-    every field of ``fields`` (default :data:`~atomforge.fields.DEFAULT_FIELDS`) that reads
+    every field of ``fields`` (default :data:`~atomforge.DEFAULT_FIELDS`) that reads
     itself from ``ase.Atoms`` (metadata such as charge and spin, plugin fields)."""
     i, j, shifts, dist = neighbor_list(atoms, cutoff)
     _check_contacts(i, j, dist, where)

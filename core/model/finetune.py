@@ -18,10 +18,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ._errors import ConfigError, DataValidationError
-from ._specs import PluginKind
+from .._errors import ConfigError, DataValidationError
+from .._specs import PluginKind
+from ..registry import Registry
 from .modelfile import read_model_file
-from .registry import Registry
 
 __all__ = ["InitialModel", "read_initial_model", "merge_model_config", "MODEL_KEYS"]
 

@@ -12,13 +12,13 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from . import keys as K
-from ._errors import ConfigError
-from .data import check_geometry
-from .flagging import UncertaintyFlagger
-from .backends import resolve_device
-from .fields import FieldTable, collate
-from .graph import atoms_to_graph
+from .. import keys as K
+from .._errors import ConfigError
+from ..data.fields import FieldTable, collate
+from ..data.graph import atoms_to_graph
+from ..data.structures import check_geometry
+from ..devices import resolve_device
+from ..exploration.flagging import UncertaintyFlagger
 from .potential import Potential
 
 __all__ = ["AtomforgeCalculator", "UNCERTAINTY_PROPERTIES", "load_calculator"]
@@ -42,7 +42,7 @@ class AtomforgeCalculator(Calculator):
     and ``candidates`` (an extxyz path), every calculation whose ``forces_std_max`` is ≥ the
     trust level appends the configuration to the candidates file, fsynced, and the first one
     warns once (:mod:`atomforge.flagging`). ``self.flagger`` is then the
-    :class:`~atomforge.flagging.UncertaintyFlagger` (counts in ``flagged``); otherwise ``None``.
+    :class:`~atomforge.UncertaintyFlagger` (counts in ``flagged``); otherwise ``None``.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -134,8 +134,8 @@ def load_calculator(
     ``flag_uncertain`` (eV/Å) and ``candidates`` (extxyz path) switch on flagging (see
     :class:`AtomforgeCalculator`); flagged frames record the model file as ``info['source']``.
     """
+    from ..registry import make_registry
     from .modelfile import load_model
-    from .registry import make_registry
 
     registry = registry or make_registry()
     calculator = AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype,

@@ -20,26 +20,27 @@ import torch
 import yaml
 from ase import Atoms
 
-from . import distributed as dist
-from . import keys as K
-from ._errors import ConfigError, DataValidationError
-from ._io import write_json_atomic, write_text_atomic
-from ._specs import PluginKind
-from .backends import TrainingBackend, resolve_device
-from .config import CONFIG_SECTIONS, RunConfig, SourceConfig
-from .data import get_labels
-from .evaluate import evaluate, evaluate_uncertainty
-from .finetune import InitialModel, read_initial_model
-from .graph import GraphDataset
-from .losses import CompositeLoss, WeightedTerm
-from .modelfile import build_potential, save_model
-from .optim import make_optimizer, make_scheduler
-from .plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
-from .potential import Potential, fit_normalization
-from .registry import Registry
-from .tracking import Tracker, TrackerCallback, flatten
-from .training import CHECKPOINT_DIR, Trainer, TrainSettings, has_checkpoint
-from .uncertainty import UQFitContext, UQHead, build_uq_head, calibrate
+from .. import distributed as dist, keys as K
+from .._errors import ConfigError, DataValidationError
+from .._io import write_json_atomic, write_text_atomic
+from .._specs import PluginKind
+from ..analysis.calibration import calibrate
+from ..analysis.evaluate import evaluate, evaluate_uncertainty
+from ..analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
+from ..config import CONFIG_SECTIONS, RunConfig, SourceConfig
+from ..data.graph import GraphDataset
+from ..data.structures import get_labels
+from ..devices import resolve_device
+from ..model.finetune import InitialModel, read_initial_model
+from ..model.modelfile import build_potential, save_model
+from ..model.potential import Potential, fit_normalization
+from ..model.uncertainty import UQFitContext, UQHead, build_uq_head
+from ..registry import Registry
+from ..tracking import Tracker, TrackerCallback, flatten
+from ..training.backends import TrainingBackend
+from ..training.loop import CHECKPOINT_DIR, Trainer, TrainSettings, has_checkpoint
+from ..training.losses import CompositeLoss, WeightedTerm
+from ..training.optim import make_optimizer, make_scheduler
 
 __all__ = ["TrainOutcome", "train", "load_source", "build_loss", "make_tracker", "make_backend", "make_trainer",
            "train_settings", "check_config", "has_checkpoint", "wrap_for_training", "fit_uq_head", "uq_report",
@@ -396,7 +397,7 @@ def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any],
 def _physics_report(model: torch.nn.Module, config: RunConfig, sets: dict[str, GraphDataset],
                     tracker: Tracker, run_dir: Path, verbose: bool) -> dict[str, float]:
     """``physics_*`` metrics on the test set (else the validation set), logged and saved."""
-    from .physics import physics_metrics
+    from ..analysis.physics import physics_metrics
 
     structures = sets["test" if "test" in sets else "valid"].structures
     say = (lambda message: print(message, file=sys.stderr)) if verbose else None
