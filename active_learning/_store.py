@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,16 +23,15 @@ from typing import Iterable
 from ase import Atoms
 from ase.io import read, write
 
-from atomforge import complete_extxyz_length, read_json, structure_hash, write_json_atomic  # re-exported here
+from atomforge import (  # structure_hash, write_json_atomic, read_json: re-exported here
+    append_durably,
+    complete_extxyz_length,
+    read_json,
+    structure_hash,
+    write_json_atomic,
+)
 
 __all__ = ["structure_hash", "JournalEntry", "LabelJournal", "LabelledSet", "write_json_atomic", "read_json"]
-
-
-def _append_durably(path: Path, text: str) -> None:
-    with open(path, "a") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class LabelJournal:
         """Record an outcome durably (fsync) before anything else happens."""
         if not entry.time:
             entry = JournalEntry(**{**asdict(entry), "time": time.time()})
-        _append_durably(self.path, json.dumps(asdict(entry)) + "\n")
+        append_durably(self.path, json.dumps(asdict(entry)) + "\n")
         self.entries[entry.key] = entry
 
     def __contains__(self, key: str) -> bool:
@@ -107,7 +105,7 @@ class LabelledSet:
         frame.info["al_key"] = key
         buffer = io.StringIO()
         write(buffer, frame, format="extxyz")
-        _append_durably(self.path, buffer.getvalue())
+        append_durably(self.path, buffer.getvalue())
 
     def read(self) -> list[Atoms]:
         """All labelled structures so far."""

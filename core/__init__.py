@@ -22,7 +22,7 @@ from ._errors import (
     UnknownPluginError,
     UnseenElementError,
 )
-from ._io import atomic_save, read_json, write_json_atomic, write_text_atomic
+from ._io import append_durably, atomic_save, read_json, write_json_atomic, write_text_atomic
 from ._specs import (
     BackboneSpec,
     CommandSpec,
@@ -80,7 +80,7 @@ from .model.potential import (
 from .model.uncertainty import UQFitContext, UQHead, member_statistics
 from .registry import DEFAULT_PLUGINS, PluginLoadWarning, Registry, make_plugin_manager, make_registry
 from .tracking import Tracker, TrackerCallback, flatten
-from .training.backends import Step, TorchBackend, TrainingBackend
+from .training.backends import Step, TorchBackend, TrainingBackend, swapped_weights
 from .training.loop import (
     Callback,
     EpochRecord,
@@ -120,7 +120,7 @@ __all__ = [
     "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "model_curl", "random_rotations", "rotate_batch",
     # training: the loop, backends, config
     "Trainer", "TrainSettings", "TrainResult", "EpochRecord", "Callback", "TrainingBackend", "TorchBackend",
-    "Step", "resolve_device", "autocast_context", "cast_outputs", "make_optimizer", "make_scheduler",
+    "Step", "swapped_weights", "resolve_device", "autocast_context", "cast_outputs", "make_optimizer", "make_scheduler",
     "has_checkpoint", "read_training_state", "RunConfig", "SourceConfig", "config_from_dict", "load_config",
     "apply_overrides", "read_yaml", "check_config", "train", "TrainOutcome",
     # evaluation, metrics, plots
@@ -133,5 +133,5 @@ __all__ = [
     "Explorer", "Selector", "Candidate", "Selection", "uncertainty_of", "structure_hash", "min_distance_ratio",
     "unphysical_reason", "UncertaintyFlagger", "read_candidates",
     # tracking and files
-    "Tracker", "TrackerCallback", "flatten", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json",
+    "Tracker", "TrackerCallback", "flatten", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json", "append_durably",
 ]

@@ -1,6 +1,7 @@
 """Atomic writes: a temporary file beside the target, flushed and fsynced, then renamed over it,
 so a reader (or a process killed mid-write) sees the old file or the new one, never half of one.
-The one helper every state file, checkpoint and model file goes through."""
+The one helper every state file, checkpoint and model file goes through; and
+:func:`append_durably` for the append-only logs (label journal, labelled set, flagged frames)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import IO, Any, Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json"]
+__all__ = ["atomic_write", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json", "append_durably"]
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
@@ -51,3 +52,15 @@ def read_json(path: Path | str, default: Any = None) -> Any:
     """The JSON in ``path``, or ``default`` if the file does not exist."""
     path = Path(path)
     return json.loads(path.read_text()) if path.exists() else default
+
+
+def append_durably(path: Path | str, text: str) -> None:
+    """Append ``text`` to ``path`` in one write, flushed and fsynced before returning (a kill
+    afterwards loses nothing; a kill during it leaves at most a partial last record, which the
+    readers of these logs drop)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())

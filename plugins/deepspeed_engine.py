@@ -48,6 +48,7 @@ from atomforge import (
     cast_outputs,
     hookimpl,
     resolve_device,
+    swapped_weights,
 )
 from atomforge import distributed as dist
 from atomforge import keys as K
@@ -347,26 +348,9 @@ class DeepSpeedBackend:
         return self._gathered()
 
     # -- export and state -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _swapped(self, tensors: Sequence[torch.Tensor] | None) -> Iterator[None]:
-        if tensors is None:
-            yield
-            return
-        local = self.local_tensors()
-        saved = [t.clone() for t in local]
-        with torch.no_grad():
-            for dst, src in zip(local, tensors):
-                dst.copy_(src)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for dst, src in zip(local, saved):
-                    dst.copy_(src)
-
     def export(self, tensors: Sequence[torch.Tensor] | None) -> torch.nn.Module:
         """An ordinary CPU module with ``tensors`` gathered from the shards (collective)."""
-        with self._swapped(tensors), self._gathered():
+        with swapped_weights(self.local_tensors(), tensors), self._gathered():
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         model = copy.deepcopy(self._template)
         model.load_state_dict(state, assign=True)

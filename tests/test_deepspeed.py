@@ -220,3 +220,15 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
     assert _strip_launcher_rank(["--local_rank=1", "train", "c.yaml"]) == ["train", "c.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _strip_launcher_rank(["train", "--local-rank", "0", "c.yaml"]) == ["train", "c.yaml"]
+
+
+def test_the_deepspeed_engine_passes_the_engine_kit(ds_setup) -> None:
+    """check_engine in a world of one process, ZeRO 0, 2 and 3 (its own process: DeepSpeed joins a
+    process group, which must not leak into the other tests)."""
+    code = ("import atomforge\nfrom atomforge.testing import check_engine\nr = atomforge.make_registry()\n"
+            "for stage in (0, 2, 3):\n"
+            "    check_engine(r.get('engines', 'deepspeed'), options={'zero_stage': stage})\n"
+            "print('kit passed')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=ds_setup["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "kit passed" in done.stdout, done.stderr[-3000:]

@@ -206,3 +206,10 @@ def test_bf16_autocast_trains_on_the_cpu_with_fp32_weights(registry, cu_files, t
     assert history[-1]["valid_metrics"]["forces_mae"] < 0.8 * history[0]["valid_metrics"]["forces_mae"]
     state = read_model_file(outcome.model_path)[2]
     assert {v.dtype for v in state.values() if v.is_floating_point()} <= {torch.float32, torch.float64}
+
+
+def test_the_torch_engine_passes_the_engine_kit(registry) -> None:
+    from atomforge.testing import check_engine
+
+    results = check_engine(registry.get("engines", "torch"))
+    assert any(r.name.startswith("resumes") for r in results) and all(r.passed for r in results)

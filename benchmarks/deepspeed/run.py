@@ -99,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
     from atomforge.data.graph import GraphDataset
     from atomforge.training.losses import CompositeLoss, WeightedTerm
     from atomforge.registry import PluginKind
-    from atomforge.training.loop import TorchEngine, TrainSettings, make_optimizer
+    from atomforge import TorchBackend, Trainer, TrainSettings, make_optimizer
     from atomforge.workflows.train import model_spec
     from atomforge.config import config_from_dict
 
@@ -120,20 +120,20 @@ def worker(args: argparse.Namespace) -> None:
     settings = TrainSettings(max_epochs=args.epochs, batch_size=args.batch_size, ema_decay=None, seed=0)
     optimizer = make_optimizer(model, lr=1e-3)
     if args.engine == "torch":
-        engine = TorchEngine(model=model, loss=loss, optimizer=optimizer, settings=settings)
+        backend = TorchBackend.from_settings(settings)
     else:
-        from atomforge.plugins.deepspeed_engine import DeepSpeedEngine
+        from atomforge.plugins.deepspeed_engine import DeepSpeedBackend
 
-        engine = DeepSpeedEngine(model=model, loss=loss, optimizer=optimizer, settings=settings,
-                                 options={"zero_stage": args.stage, "balance": not args.no_balance})
+        backend = DeepSpeedBackend(options={"zero_stage": args.stage, "balance": not args.no_balance},
+                                   settings=settings)
+    engine = Trainer(model=model, loss=loss, optimizer=optimizer, settings=settings, backend=backend)
     result: dict = {"engine": args.engine, "stage": args.stage, "world_size": dist.world_size(),
                     "params": n_params, "data": args.data, "balance": not args.no_balance,
                     "features": args.features, "layers": args.layers, "batch_size": args.batch_size}
     started = time.perf_counter()
     if args.mode == "memory":
-        engine.settings = TrainSettings(max_epochs=1, batch_size=args.batch_size, ema_decay=None, seed=0)
         small = GraphDataset(structures[: args.batch_size], 5.0)
-        owner = engine.engine if args.engine == "deepspeed" else engine.optimizer
+        owner = backend.engine if args.engine == "deepspeed" else engine.optimizer
         original = owner.step
         peak: dict = {}
         calls = [0]
@@ -147,7 +147,7 @@ def worker(args: argparse.Namespace) -> None:
 
         owner.step = step
         for _ in range(3):  # three optimiser steps: every buffer exists
-            engine._train_epoch(small, started)
+            engine.train_epoch(small, started)
         owner.step = original
         gc.collect()
         for label, snapshot in (("rest", _storages()), ("step", peak)):
@@ -161,15 +161,15 @@ def worker(args: argparse.Namespace) -> None:
         for epoch in range(args.epochs):
             engine.epoch = epoch
             t0 = time.perf_counter()
-            engine._train_epoch(dataset, t0)
+            metrics = engine.train_epoch(dataset, t0)[3]
             times.append(time.perf_counter() - t0)
-            imbalances.append(getattr(engine, "last_imbalance", 1.0))
+            imbalances.append(metrics.get("load_imbalance", 1.0))
         warm = times[1:] or times
         per_rank = dist.all_gather_objects(sum(warm))
         result.update({"epoch_s": sum(warm) / len(warm), "structures_per_s": len(dataset) * len(warm) / sum(warm),
                        "load_imbalance": sum(imbalances) / len(imbalances),
                        "epochs_timed": len(warm), "rank_busy_s": per_rank})
-        if hasattr(engine, "_steps"):  # measured imbalance: per-step wall time of each rank's compute
+        if args.engine == "deepspeed":  # measured imbalance: per-step wall time of each rank's compute
             result["time_imbalance"] = _timed_imbalance(engine, dataset)
     if dist.is_main():
         with open(args.result, "a") as handle:
@@ -189,7 +189,7 @@ def _optimizer_bytes(engine, new: dict[int, int]) -> int:  # noqa: ANN001
     the optimiser object)."""
     import torch
 
-    optimizer = engine.engine.optimizer if hasattr(engine, "engine") else engine.optimizer
+    optimizer = engine.backend.engine.optimizer if hasattr(engine.backend, "engine") else engine.optimizer
     seen: dict[int, int] = {}
 
     def visit(obj, depth=0):  # noqa: ANN001, ANN202
@@ -229,9 +229,9 @@ def _timed_imbalance(engine, dataset) -> float:  # noqa: ANN001
 
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123)).tolist()
     mine = []
-    for micro_batches, _ in engine._steps(dataset, order):
+    for step in engine.backend.plan(order, dataset):
         t0 = time.perf_counter()
-        for indices in micro_batches:
+        for indices in step.batches:
             batch = collate([dataset.graphs[i] for i in indices])
             out = engine.model(batch, compute_forces=True)  # forward + forces: this rank's share
             float(out[K.FORCES].sum())

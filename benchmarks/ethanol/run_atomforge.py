@@ -103,9 +103,9 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     cfg = config(args)
-    resume = (args.run_dir / "checkpoint.pt").exists()
+    resume = atomforge.has_checkpoint(args.run_dir)
     outcome = train(atomforge.config_from_dict(cfg), atomforge.make_registry(), resume=resume, verbose=False)
-    history = torch.load(args.run_dir / "checkpoint.pt", weights_only=True)["history"]
+    history = atomforge.read_training_state(args.run_dir)["history"]
     n_train = 950
     steps_time = history[-1]["elapsed"]
     model = atomforge.load_model(outcome.model_path)

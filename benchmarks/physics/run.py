@@ -162,7 +162,7 @@ def run_variant(variant: str, args: argparse.Namespace, registry: atomforge.Regi
         metrics = outcome.test_metrics
     else:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    history = atomforge.read_training_state(run_dir)["history"]
     result = {"test_forces_mae": metrics["test_forces_mae"], "test_energy_mae": metrics["test_energy_mae"],
               "epochs": len(history), "train_seconds": history[-1]["elapsed"], "config": cfg}
     result.update(measure(model_path, read(paths[1], ":"), args))

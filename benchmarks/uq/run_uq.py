@@ -124,7 +124,7 @@ def train_heads(args: argparse.Namespace, files: dict[str, Path], registry: atom
         cfg = config(args, files, run, uq, loss)
         if not (run / "model.pt").exists():
             started = time.perf_counter()
-            train(atomforge.config_from_dict(cfg), registry, resume=(run / "checkpoint.pt").exists(), verbose=False)
+            train(atomforge.config_from_dict(cfg), registry, resume=atomforge.has_checkpoint(run), verbose=False)
             print(f"{name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
         models[name] = atomforge.load_model(run / "model.pt", registry=registry)
     return models

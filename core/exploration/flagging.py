@@ -17,7 +17,6 @@ and ``source`` (the model file, where known); ``arrays['forces_std']``: the per-
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +26,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from .._errors import ConfigError
+from .._io import append_durably
 from ..data.structures import complete_extxyz_length
 from .records import uncertainty_of
 
@@ -81,11 +81,7 @@ class UncertaintyFlagger:
         """One write of the whole frame, flushed and fsynced."""
         buffer = io.StringIO()
         write(buffer, frame, format="extxyz")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self.path, buffer.getvalue())
 
 
 def _frame(atoms: Atoms, results: Mapping[str, Any], *, step: int, sigma: float, energy_std: float | None,

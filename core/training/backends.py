@@ -28,7 +28,7 @@ from .._io import atomic_save
 from ..data.graph import GraphDataset
 from ..devices import PRECISIONS, autocast_context, cast_outputs, resolve_device
 
-__all__ = ["Step", "TrainingBackend", "TorchBackend"]
+__all__ = ["Step", "TrainingBackend", "TorchBackend", "swapped_weights"]
 
 Batch = dict[str, torch.Tensor]
 BACKEND_FILE = "backend.pt"
@@ -254,6 +254,24 @@ class TorchBackend:
 
     def barrier(self) -> None:
         return None
+
+
+@contextlib.contextmanager
+def swapped_weights(local: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor] | None) -> Iterator[None]:
+    """Inside the block ``local`` (a backend's :meth:`~TrainingBackend.local_tensors`) hold
+    ``tensors`` (EMA or best weights, same order), written in place; the previous values are
+    restored after. ``None``: nothing changes."""
+    if tensors is None:
+        yield
+        return
+    saved = [t.clone() for t in local]
+    with torch.no_grad():
+        torch._foreach_copy_(list(local), list(tensors))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(list(local), saved)
 
 
 def _averaged_tensors(model: nn.Module) -> list[torch.Tensor]:

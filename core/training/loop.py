@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from .._io import atomic_save, write_text_atomic
 from ..analysis.metrics import ErrorAccumulator
 from ..data.fields import collate
 from ..data.graph import GraphDataset
-from .backends import TrainingBackend
+from .backends import TrainingBackend, swapped_weights
 from .losses import CompositeLoss
 
 __all__ = [
@@ -207,7 +207,11 @@ class Trainer:
         limit = self.settings.max_time
         return limit is not None and self.elapsed + (time.perf_counter() - started) >= limit
 
-    def _train_epoch(self, train: GraphDataset, started: float) -> tuple[float, int, bool, dict[str, float]]:
+    def train_epoch(self, train: GraphDataset, started: float | None = None) -> tuple[float, int, bool, dict[str, float]]:
+        """One pass over ``train`` (epoch :attr:`epoch`'s order): the mean training loss, the
+        steps taken, whether ``max_time`` cut it short (counting from ``started``, default now)
+        and the backend's step metrics averaged. :meth:`fit` calls it; benchmarks may too."""
+        started = time.perf_counter() if started is None else started
         self.backend.train_mode(True)
         seed = epoch_seed(self.settings.seed, self.epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -230,27 +234,6 @@ class Trainer:
         return self.backend.all_reduce_mean(total / max(count, 1)), steps, timed_out, metrics
 
     # -- validation ------------------------------------------------------------------------------
-    def _swapped(self, tensors: Sequence[torch.Tensor] | None) -> Any:
-        """Context: ``tensors`` (EMA or best weights) written into the model, restored after."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap() -> Iterator[None]:
-            if tensors is None:
-                yield
-                return
-            local = self.backend.local_tensors()
-            saved = [t.clone() for t in local]
-            with torch.no_grad():
-                torch._foreach_copy_(local, list(tensors))
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    torch._foreach_copy_(local, saved)
-
-        return swap()
-
     def validate(self, valid: GraphDataset) -> tuple[float, dict[str, float]]:
         """Loss and error metrics of the EMA (or plain) weights on ``valid``; each process
         predicts its share, the results are gathered."""
@@ -259,7 +242,8 @@ class Trainer:
         mine = list(range(self.backend.rank, len(valid), self.backend.world_size))
         size = self.settings.valid_batch_size
         self.backend.train_mode(False)
-        with self._swapped(self.ema.tensors if self.ema else None), self.backend.evaluation():
+        ema = self.ema.tensors if self.ema else None
+        with swapped_weights(self.backend.local_tensors(), ema), self.backend.evaluation():
             for start in range(0, len(mine), size):
                 chosen = mine[start : start + size]
                 batch = self.backend.to_device(collate([valid.graphs[i] for i in chosen], valid.fields))
@@ -316,7 +300,7 @@ class Trainer:
         reason = self._stop_reason(False)
         while reason is None:
             started = time.perf_counter()
-            train_loss, steps, timed_out, train_metrics = self._train_epoch(train, started)
+            train_loss, steps, timed_out, train_metrics = self.train_epoch(train, started)
             valid_loss, metrics = self.validate(valid)
             self.epoch += 1
             self.elapsed += time.perf_counter() - started
