@@ -18,7 +18,9 @@ from ._errors import (
     DataValidationError,
     DuplicatePluginError,
     ModelFileError,
+    ModelOutputError,
     PluginError,
+    TrainingDivergedError,
     UnknownPluginError,
     UnseenElementError,
 )
@@ -42,7 +44,17 @@ from .analysis.metrics import ErrorAccumulator, UQAccumulator
 from .analysis.physics import model_curl, random_rotations, rotate_batch
 from .analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot, pyplot, save_figure
 from .config import RunConfig, SourceConfig, apply_overrides, config_from_dict, load_config, read_yaml
-from .data.fields import DEFAULT_FIELDS, FieldKind, FieldSpec, FieldTable, collate, replicate_batch, split_batch
+from .data.fields import (
+    DEFAULT_FIELDS,
+    FieldKind,
+    FieldSpec,
+    FieldTable,
+    collate,
+    label_mask,
+    mask_key,
+    replicate_batch,
+    split_batch,
+)
 from .data.graph import GraphDataset, atoms_to_graph, iterate_batches, neighbor_list
 from .data.structures import (
     Labels,
@@ -90,7 +102,7 @@ from .training.loop import (
     has_checkpoint,
     read_training_state,
 )
-from .training.losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm
+from .training.losses import Augmentation, CompositeLoss, LossTerm, WeightedTerm, label_weights
 from .training.optim import make_optimizer, make_scheduler
 from .workflows.train import TrainOutcome, check_config, train
 
@@ -102,8 +114,8 @@ __all__ = [
     "keys", "distributed",
     # errors
     "AtomforgeError", "ConfigError", "ConformanceError", "DataValidationError",
-    "DuplicatePluginError", "ModelFileError", "PluginError", "UnknownPluginError",
-    "UnseenElementError",
+    "DuplicatePluginError", "ModelFileError", "ModelOutputError", "PluginError", "TrainingDivergedError",
+    "UnknownPluginError", "UnseenElementError",
     # the plugin system: markers, spec records, registry
     "hookimpl", "hookspec", "PluginKind", "BackboneSpec", "CommandSpec", "DataSourceSpec",
     "EngineSpec", "ExplorerSpec", "FieldSpec", "LossSpec", "OracleSpec", "SelectorSpec", "TrackerSpec",
@@ -112,12 +124,12 @@ __all__ = [
     # data: structures, labels, fields, graphs, batches
     "Labels", "Metadata", "attach_labels", "get_labels", "get_metadata", "validate_structure",
     "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "atoms_to_graph",
-    "collate", "replicate_batch", "split_batch", "iterate_batches", "neighbor_list",
+    "collate", "replicate_batch", "split_batch", "label_mask", "mask_key", "iterate_batches", "neighbor_list",
     # models: backbones, the Potential, model files, calculator
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "scatter_sum", "fit_normalization",
     "build_potential", "load_model", "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",
     # losses and physics
-    "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "model_curl", "random_rotations", "rotate_batch",
+    "Augmentation", "CompositeLoss", "LossTerm", "WeightedTerm", "label_weights", "model_curl", "random_rotations", "rotate_batch",
     # training: the loop, backends, config
     "Trainer", "TrainSettings", "TrainResult", "EpochRecord", "Callback", "TrainingBackend", "TorchBackend",
     "Step", "swapped_weights", "resolve_device", "autocast_context", "cast_outputs", "make_optimizer", "make_scheduler",

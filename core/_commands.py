@@ -61,8 +61,9 @@ def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:
     units = {"energy": "meV/atom", "forces": "meV/Å", "stress": "meV/Å³"}
     for prefix, unit in units.items():
         if f"{prefix}_mae" in metrics:
+            count = int(metrics.get(f"{prefix}_count", n))
             rows.append(f"  {prefix:<7} MAE {metrics[prefix + '_mae']:10.3f}  RMSE "
-                        f"{metrics[prefix + '_rmse']:10.3f}  {unit}")
+                        f"{metrics[prefix + '_rmse']:10.3f}  {unit}  ({count} of {n} structures)")
     if len(rows) == 1:
         rows.append("  (no labels to compare against)")
     rows.extend(_format_uq(metrics))
@@ -129,8 +130,9 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
         report = {}
         for path in args.data:
             structures = reader({"path": str(path)}, Path.cwd())
-            report[str(path)] = {"n_structures": len(structures), **evaluate(
-                model, structures, batch_size=args.batch_size, fields=registry.fields).metrics()}
+            acc = evaluate(model, structures, batch_size=args.batch_size, fields=registry.fields)
+            report[str(path)] = {"n_structures": len(structures), **acc.metrics(),
+                                 **{f"{quantity}_count": n for quantity, n in acc.counts.items()}}
             if hasattr(model, "calibration"):  # a UQ head: spread vs error too
                 report[str(path)].update(uncertainty_metrics(model, structures, batch_size=args.batch_size))
             if args.physics:  # rotation error, curl, NVE drift, MD stability (docs/physics.md)

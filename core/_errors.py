@@ -14,6 +14,8 @@ __all__ = [
     "UnknownPluginError",
     "DuplicatePluginError",
     "ModelFileError",
+    "ModelOutputError",
+    "TrainingDivergedError",
     "UnseenElementError",
     "ConformanceError",
 ]
@@ -51,8 +53,18 @@ class DuplicatePluginError(PluginError):
 
 
 class ModelFileError(AtomforgeError):
-    """Raised when a model file is unreadable, of an unknown format, or needs a missing plugin."""
+    """Raised when a model file is unreadable, corrupted (content hash mismatch), of an unknown
+    format, has an invalid config, or needs a missing plugin."""
+
+
+class ModelOutputError(AtomforgeError, ArithmeticError):
+    """Raised when a model returns non-finite (NaN/inf) energies, forces or stress — by the
+    calculator (so MD stops), ``evaluate`` and the CLI — never passed on as numbers."""
+
+
+class TrainingDivergedError(AtomforgeError, ArithmeticError):
+    """Raised when the training loss becomes non-finite (NaN/inf); the last checkpoint is kept."""
 
 
 class ConformanceError(AtomforgeError, AssertionError):
-    """Raised by :func:`atomforge.testing.check_backbone` when a backbone fails a physics check."""
+    """Raised by a conformance kit (:mod:`atomforge.testing`) when a plugin fails a check."""

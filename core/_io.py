@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import IO, Any, Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json", "append_durably"]
+__all__ = ["atomic_write", "atomic_save", "write_json_atomic", "write_text_atomic", "read_json", "append_durably",
+           "remove_stale_temporaries"]
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
@@ -64,3 +66,30 @@ def append_durably(path: Path | str, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def remove_stale_temporaries(folder: Path | str) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` under ``folder`` that a killed process
+    left behind (``.<name>.tmp<pid>`` whose pid is no longer alive); returns what was removed."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,6 +8,7 @@ See ``docs/config.md`` for the schema.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,47 @@ def _model_block(value: Any, base_dir: Path) -> dict[str, Any]:
     return merge_model_config(block, path)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ranges(config: "RunConfig") -> list[tuple[str, Any, bool, str]]:
+    """(key, value, ok, expected) for every numeric option with a physical or sensible range."""
+    t, s, e = config.training, config.training.scheduler, config.evaluation
+    optional = lambda v, test: v is None or (_finite(v) and test(v))  # noqa: E731
+    return [
+        ("model.cutoff", config.model.cutoff, _finite(config.model.cutoff) and config.model.cutoff > 0, "> 0 Å"),
+        ("training.max_time", t.max_time, optional(t.max_time, lambda v: v > 0), "> 0 s (or null: no limit)"),
+        ("training.valid_batch_size", t.valid_batch_size, t.valid_batch_size >= 1, "≥ 1"),
+        ("training.lr", t.lr, _finite(t.lr) and t.lr > 0, "> 0"),
+        ("training.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0, "≥ 0"),
+        ("training.grad_clip", t.grad_clip, optional(t.grad_clip, lambda v: v > 0), "> 0 (or null: no clipping)"),
+        ("training.ema_decay", t.ema_decay, optional(t.ema_decay, lambda v: 0 < v < 1), "in (0, 1) (or null: no EMA)"),
+        ("training.patience", t.patience, t.patience is None or t.patience >= 1, "≥ 1 epoch (or null)"),
+        ("training.num_threads", t.num_threads, t.num_threads is None or t.num_threads >= 1, "≥ 1 (or null)"),
+        ("training.scheduler.factor", s.factor, _finite(s.factor) and 0 < s.factor < 1, "in (0, 1)"),
+        ("training.scheduler.patience", s.patience, s.patience >= 0, "≥ 0"),
+        ("training.scheduler.min_lr", s.min_lr, _finite(s.min_lr) and s.min_lr >= 0, "≥ 0"),
+        ("training.scheduler.gamma", s.gamma, _finite(s.gamma) and 0 < s.gamma <= 1, "in (0, 1]"),
+        *((f"loss[{k}].weight ({term.name})", term.weight, _finite(term.weight) and term.weight >= 0,
+           "≥ 0 (a loss term cannot reward error)") for k, term in enumerate(config.loss)),
+        ("evaluation.timestep_fs", e.timestep_fs, _finite(e.timestep_fs) and e.timestep_fs > 0, "> 0 fs"),
+        ("evaluation.temperature", e.temperature, _finite(e.temperature) and e.temperature >= 0, "≥ 0 K"),
+        ("evaluation.min_distance", e.min_distance, _finite(e.min_distance) and e.min_distance > 0, "> 0 Å"),
+        ("evaluation.bond_stretch", e.bond_stretch, _finite(e.bond_stretch) and e.bond_stretch > 1, "> 1"),
+        ("evaluation.max_energy_deviation", e.max_energy_deviation,
+         _finite(e.max_energy_deviation) and e.max_energy_deviation > 0, "> 0 eV/atom"),
+    ]
+
+
+def check_ranges(config: "RunConfig") -> None:
+    """A :class:`ConfigError` listing every numeric option outside its range (e.g. a negative
+    ``max_time``, cutoff or loss weight), with what is expected."""
+    bad = [f"{key} = {value!r} (expected {expected})" for key, value, ok, expected in _ranges(config) if not ok]
+    if bad:
+        raise ConfigError("config values out of range: " + "; ".join(bad))
+
+
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunConfig:
     """Build a :class:`RunConfig` from plain data; relative paths resolve against ``base_dir``."""
     base_dir = Path(base_dir).resolve()
@@ -384,7 +426,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
     tracking_raw = raw.get("tracking", "mlflow")
     tracking_raw = {"name": tracking_raw} if isinstance(tracking_raw, str) else tracking_raw
-    return RunConfig(
+    config = RunConfig(
         data=data_config,
         model=model,
         loss=_loss(raw.get("loss")),
@@ -396,6 +438,8 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         engine_blocks={key: dict(value) for key, value in blocks.items()},
         base_dir=base_dir,
     )
+    check_ranges(config)
+    return config
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -430,15 +474,44 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of the file names one key twice."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML silently keeps the
+    last one, which hides typos such as two ``training:`` blocks). Merge keys (``<<``) may still
+    override what they bring in."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first on line {seen[key]}); "
+                                    "keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path | str, what: str = "config file") -> dict[str, Any]:
-    """The mapping in a YAML file, with clear errors for a missing file or invalid YAML."""
+    """The mapping in a YAML file, with clear errors for a missing file, invalid YAML or a key
+    given twice (with its line number)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except _DuplicateKey as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return dict(data)
 
 
 def load_config(path: Path | str, overrides: Sequence[str] = ()) -> RunConfig:

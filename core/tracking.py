@@ -37,6 +37,9 @@ class Tracker(Protocol):
         """One line telling the user where to find the run."""
         ...
 
+    # optional: ``last_step(key) -> int | None``, the largest step logged for ``key`` in the run;
+    # a resumed training run uses it to avoid logging an epoch twice.
+
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists become their string form."""
@@ -51,12 +54,16 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class TrackerCallback:
-    """Engine callback that logs each epoch's metrics."""
+    """Training-loop callback that logs each epoch's metrics; epochs up to ``logged_through``
+    (already in a resumed run's tracker) are skipped, so no epoch is logged twice."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, *, logged_through: int | None = None) -> None:
         self.tracker = tracker
+        self.logged_through = logged_through
 
-    def on_epoch_end(self, engine: Any, record: Any) -> None:
+    def on_epoch_end(self, trainer: Any, record: Any) -> None:
+        if self.logged_through is not None and record.epoch <= self.logged_through:
+            return
         metrics = {
             "train_loss": record.train_loss,
             "valid_loss": record.valid_loss,

@@ -1,11 +1,12 @@
-"""Built-in loss terms: per-atom energy, forces and stress, each as MSE, MAE or Huber."""
+"""Built-in loss terms: per-atom energy, forces and stress, each as MSE, MAE or Huber, weighted
+per structure (sample weight; zero where a structure lacks the label)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from atomforge import ConfigError, LossSpec, hookimpl
+from atomforge import ConfigError, LossSpec, hookimpl, label_weights
 from atomforge import keys as K
 
 _KINDS = ("mse", "mae", "huber")
@@ -17,6 +18,11 @@ def _elementwise(kind: str, delta: float, pred: torch.Tensor, ref: torch.Tensor)
     if kind == "mae":
         return (pred - ref).abs()
     return F.huber_loss(pred, ref, reduction="none", delta=delta)
+
+
+def _total(weights: torch.Tensor) -> torch.Tensor:
+    """Sum of the weights; a batch where no structure carries the label gives 0 / tiny = 0."""
+    return weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 class _LabelLoss:
@@ -47,8 +53,8 @@ class EnergyLoss(_LabelLoss):
         return _elementwise(self.kind, self.delta, outputs[K.ENERGY] / n, batch[K.ENERGY] / n)
 
     def __call__(self, batch, outputs, model) -> torch.Tensor:  # noqa: ANN001
-        w = batch[K.WEIGHT]
-        return (w * self.error(batch, outputs)).sum() / w.sum()
+        w = label_weights(batch, K.ENERGY)
+        return (w * self.error(batch, outputs)).sum() / _total(w)
 
 
 class ForceLoss(_LabelLoss):
@@ -59,8 +65,8 @@ class ForceLoss(_LabelLoss):
     outputs = (K.FORCES,)
 
     def __call__(self, batch, outputs, model) -> torch.Tensor:  # noqa: ANN001
-        w = batch[K.WEIGHT][batch[K.BATCH]].unsqueeze(-1)
-        return (w * self.error(batch, outputs)).sum() / (3 * w.sum())
+        w = label_weights(batch, K.FORCES)[batch[K.BATCH]].unsqueeze(-1)
+        return (w * self.error(batch, outputs)).sum() / (3 * _total(w))
 
 
 class StressLoss(_LabelLoss):
@@ -71,8 +77,8 @@ class StressLoss(_LabelLoss):
     outputs = (K.STRESS,)
 
     def __call__(self, batch, outputs, model) -> torch.Tensor:  # noqa: ANN001
-        w = batch[K.WEIGHT].reshape(-1, 1, 1)
-        return (w * self.error(batch, outputs)).sum() / (9 * w.sum())
+        w = label_weights(batch, K.STRESS).reshape(-1, 1, 1)
+        return (w * self.error(batch, outputs)).sum() / (9 * _total(w))
 
 
 @hookimpl

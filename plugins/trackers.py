@@ -120,6 +120,11 @@ class MlflowTracker:
     def describe(self) -> str:
         return f"MLflow run {self.run_id} in {self.uri} (view: mlflow ui --backend-store-uri {self.uri})"
 
+    def last_step(self, key: str) -> int | None:
+        """The largest step logged for ``key`` in this run (``None`` if none)."""
+        history = self.client.get_metric_history(self.run_id, key) if self.run_id else []
+        return max((m.step for m in history), default=None)
+
 
 @hookimpl
 def register_trackers(register) -> None:  # noqa: ANN001

@@ -28,6 +28,7 @@ from atomforge import (
     energy_derivatives,
     hookimpl,
     iterate_batches,
+    label_weights,
     member_statistics,
     replicate_batch,
     scatter_sum,
@@ -388,8 +389,8 @@ class EnergyNLL:
         var = (outputs[K.ENERGY_STD] / n).pow(2) + self.eps
         mean = outputs[K.ENERGY].detach() if self.detach_mean else outputs[K.ENERGY]
         error2 = ((mean - batch[K.ENERGY]) / n).pow(2)
-        w = batch[K.WEIGHT]
-        return (w * 0.5 * (torch.log(var) + error2 / var)).sum() / w.sum()
+        w = label_weights(batch, K.ENERGY)
+        return (w * 0.5 * (torch.log(var) + error2 / var)).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
 
 
 class ForcesNLL:
@@ -412,8 +413,8 @@ class ForcesNLL:
         var = outputs[K.FORCES_STD].pow(2) + self.eps  # [N]
         mean = outputs[K.FORCES].detach() if self.detach_mean else outputs[K.FORCES]
         error2 = (mean - batch[K.FORCES]).pow(2).sum(-1)  # [N]
-        w = batch[K.WEIGHT][batch[K.BATCH]]
-        return (w * 0.5 * (3.0 * torch.log(var) + error2 / var)).sum() / (3.0 * w.sum())
+        w = label_weights(batch, K.FORCES)[batch[K.BATCH]]
+        return (w * 0.5 * (3.0 * torch.log(var) + error2 / var)).sum() / (3.0 * w.sum().clamp_min(torch.finfo(w.dtype).tiny))
 
 
 @hookimpl

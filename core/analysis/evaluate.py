@@ -10,7 +10,7 @@ from ase import Atoms
 
 from ..data.fields import FieldTable
 from ..data.graph import GraphDataset, iterate_batches
-from ..model.potential import Potential
+from ..model.potential import Potential, check_finite_outputs
 from .metrics import ErrorAccumulator, UQAccumulator
 
 __all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_dataset", "predicted_batches", "model_dtype",
@@ -41,10 +41,11 @@ def predicted_batches(model: torch.nn.Module, dataset: GraphDataset, batch_size:
     outputs detached)."""
     model.eval()
     device = model_device(model)
-    for batch in iterate_batches(dataset, batch_size):
+    for start, batch in zip(range(0, len(dataset), batch_size), iterate_batches(dataset, batch_size)):
         if device.type != "cpu":
             batch = {k: v.to(device) for k, v in batch.items()}
         outputs = model(batch, compute_forces=True, compute_stress=compute_stress)
+        check_finite_outputs(outputs, batch, first_index=start)  # structures named by their index in the data
         yield batch, {k: v.detach() for k, v in outputs.items()}
 
 

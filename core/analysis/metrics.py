@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import keys as K
+from ..data.fields import label_mask
 
 __all__ = ["ErrorAccumulator", "UQAccumulator", "spearman", "gaussian_nll", "calibration_curve",
            "miscalibration_area", "ence", "TINY"]
@@ -16,26 +17,57 @@ __all__ = ["ErrorAccumulator", "UQAccumulator", "spearman", "gaussian_nll", "cal
 TINY = 1e-12  # floor of standard deviations
 
 
+def _structures_with(batch: dict[str, torch.Tensor], label: str) -> torch.Tensor | None:
+    """Indices of the structures that carry ``label`` (``None``: all of them)."""
+    mask = label_mask(batch, label)
+    return None if mask is None else torch.nonzero(mask.to(batch[K.N_ATOMS].device)).reshape(-1)
+
+
+def _atoms_with(batch: dict[str, torch.Tensor], label: str) -> torch.Tensor | None:
+    """Indices of the atoms whose structure carries ``label`` (``None``: all of them)."""
+    mask = label_mask(batch, label)
+    return None if mask is None else torch.nonzero(mask.to(batch[K.BATCH].device)[batch[K.BATCH]]).reshape(-1)
+
+
+def _pick(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return values if rows is None else values.index_select(0, rows)
+
+
 class ErrorAccumulator:
-    """Accumulates predictions against labels batch by batch; keeps arrays for parity plots."""
+    """Accumulates predictions against labels batch by batch; keeps arrays for parity plots.
+
+    Each label is scored per structure wherever it exists (a batch mixing structures with and
+    without, say, an energy scores the energy of those that have one); :attr:`counts` says how
+    many structures each quantity covers."""
 
     def __init__(self) -> None:
         self.pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.counts: dict[str, int] = {}  # structures scored per quantity (energy, forces, stress)
 
     def _add(self, name: str, pred: torch.Tensor, ref: torch.Tensor) -> None:
         preds, refs = self.pairs.setdefault(name, ([], []))
         preds.append(pred.detach().double().cpu().numpy().reshape(-1))
         refs.append(ref.detach().double().cpu().numpy().reshape(-1))
 
+    def _count(self, quantity: str, batch: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
+        n = int(batch[K.N_ATOMS].shape[0]) if rows is None else int(rows.numel())
+        self.counts[quantity] = self.counts.get(quantity, 0) + n
+
     def add(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Add one batch; labels absent from the batch are skipped."""
+        """Add one batch; labels absent from the batch (or, per structure, masked out) are skipped."""
         if K.ENERGY in batch and K.ENERGY in outputs:
+            rows = _structures_with(batch, K.ENERGY)
             n = batch[K.N_ATOMS].to(outputs[K.ENERGY].dtype)
-            self._add("energy_per_atom", outputs[K.ENERGY] / n, batch[K.ENERGY] / n)
+            self._add("energy_per_atom", _pick(outputs[K.ENERGY] / n, rows), _pick(batch[K.ENERGY] / n, rows))
+            self._count("energy", batch, rows)
         if K.FORCES in batch and K.FORCES in outputs:
-            self._add("forces", outputs[K.FORCES], batch[K.FORCES])
+            atoms = _atoms_with(batch, K.FORCES)
+            self._add("forces", _pick(outputs[K.FORCES], atoms), _pick(batch[K.FORCES], atoms))
+            self._count("forces", batch, _structures_with(batch, K.FORCES))
         if K.STRESS in batch and K.STRESS in outputs:
-            self._add("stress", outputs[K.STRESS], batch[K.STRESS])
+            rows = _structures_with(batch, K.STRESS)
+            self._add("stress", _pick(outputs[K.STRESS], rows), _pick(batch[K.STRESS], rows))
+            self._count("stress", batch, rows)
 
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated (prediction, reference) of one quantity."""
@@ -123,19 +155,22 @@ class UQAccumulator:
     def add(self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Add one batch; quantities without both a label and a std are skipped."""
         if K.ENERGY in batch and K.ENERGY_STD in outputs:
-            self._put("energy_error", outputs[K.ENERGY] - batch[K.ENERGY])
-            self._put("energy_std", outputs[K.ENERGY_STD])
+            rows = _structures_with(batch, K.ENERGY)
+            self._put("energy_error", _pick(outputs[K.ENERGY] - batch[K.ENERGY], rows))
+            self._put("energy_std", _pick(outputs[K.ENERGY_STD], rows))
         if K.FORCES in batch and K.FORCES_STD in outputs:
             size = int(batch[K.N_ATOMS].shape[0])
             error = outputs[K.FORCES] - batch[K.FORCES]
             n = batch[K.N_ATOMS].to(error.dtype)
-            per_structure = torch.zeros(size, dtype=error.dtype, device=error.device).index_add(0, batch[K.BATCH], error.pow(2).sum(-1))
+            per_structure = torch.zeros(size, dtype=error.dtype, device=error.device).index_add(
+                0, batch[K.BATCH], error.pow(2).sum(-1))
             std_structure = torch.zeros(size, dtype=error.dtype, device=error.device).index_add(
                 0, batch[K.BATCH], outputs[K.FORCES_STD].pow(2))
-            self._put("forces_error", error)
-            self._put("forces_std", outputs[K.FORCES_STD])
-            self._put("structure_forces_error", (per_structure / (3 * n)).sqrt())
-            self._put("structure_forces_std", (std_structure / n).sqrt())
+            rows, atoms = _structures_with(batch, K.FORCES), _atoms_with(batch, K.FORCES)
+            self._put("forces_error", _pick(error, atoms))
+            self._put("forces_std", _pick(outputs[K.FORCES_STD], atoms))
+            self._put("structure_forces_error", _pick((per_structure / (3 * n)).sqrt(), rows))
+            self._put("structure_forces_std", _pick((std_structure / n).sqrt(), rows))
 
     def array(self, name: str) -> np.ndarray:
         return np.concatenate(self.parts[name])

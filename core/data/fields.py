@@ -31,8 +31,21 @@ from .._specs import PluginKind
 
 __all__ = [
     "FieldKind", "FieldSpec", "FieldTable", "DEFAULT_FIELDS", "read_fields", "collate", "replicate_batch",
-    "split_batch",
+    "split_batch", "mask_key", "label_mask",
 ]
+
+MASK_SUFFIX = "_mask"
+
+
+def mask_key(label: str) -> str:
+    """The batch key of a label's per-structure mask (``energy`` → ``energy_mask``)."""
+    return label + MASK_SUFFIX
+
+
+def label_mask(batch: Mapping[str, torch.Tensor], label: str) -> torch.Tensor | None:
+    """[B] bool: which structures of ``batch`` carry ``label``; ``None`` when all of them do
+    (the key is then batched without a mask) — and when none does (the key is absent)."""
+    return batch.get(mask_key(label))
 
 
 class FieldKind(str, enum.Enum):
@@ -82,7 +95,9 @@ class FieldSpec:
 
 
 class FieldTable(Mapping[str, FieldSpec]):
-    """An immutable table of fields by name; :meth:`extended` adds plugin fields."""
+    """An immutable table of fields by name; :meth:`extended` adds plugin fields. Every label
+    field brings its per-structure mask field (``<label>_mask``, bool), which :func:`collate`
+    adds when only some structures of a batch carry the label."""
 
     def __init__(self, specs: Iterable[FieldSpec] = ()) -> None:
         self._specs: dict[str, FieldSpec] = {}
@@ -90,6 +105,10 @@ class FieldTable(Mapping[str, FieldSpec]):
             if spec.name in self._specs:
                 raise PluginError(f"field {spec.name!r} is declared twice")
             self._specs[spec.name] = spec
+        for spec in [s for s in self._specs.values() if s.label and mask_key(s.name) not in self._specs]:
+            self._specs[mask_key(spec.name)] = FieldSpec(
+                mask_key(spec.name), "structure", dtype="bool",
+                description=f"which structures carry {spec.name!r} (present only when some do not)")
 
     def __getitem__(self, name: str) -> FieldSpec:
         return self._specs[name]
@@ -104,13 +123,13 @@ class FieldTable(Mapping[str, FieldSpec]):
         """A new table with ``specs`` added; a name already declared is a :class:`PluginError`
         naming both providers (``provider`` maps field name → who declared it)."""
         specs = list(specs)
-        clash = [s.name for s in specs if s.name in self._specs]
+        clash = [s.name for s in specs if s.name in self._specs or (s.label and mask_key(s.name) in self._specs)]
         if clash:
             who = provider or {}
             raise PluginError(
                 "field(s) " + ", ".join(f"{n!r} (from {who.get(n, 'a plugin')})" for n in clash)
                 + " are already declared by atomforge or another plugin; choose another name")
-        return FieldTable([*self._specs.values(), *specs])
+        return FieldTable([*(s for n, s in self._specs.items() if not n.endswith(MASK_SUFFIX)), *specs])
 
     def spec(self, key: str) -> FieldSpec:
         """The spec of ``key``; an unknown key is a clear error."""
@@ -195,7 +214,10 @@ def collate(graphs: Sequence[dict[str, torch.Tensor]], fields: FieldTable | None
     per-atom, per-edge and per-structure fields are concatenated, indices (``edge_index``) offset
     by the atoms before them, ``batch`` indexes structures, global fields must agree.
 
-    A field is batched only when every graph carries it.
+    A **label** (``FieldSpec.label``) carried by only some graphs is batched with zeros where it
+    is missing plus its mask ``<label>_mask`` [B] (:func:`label_mask`), so losses and metrics
+    score it per structure wherever it exists. Any other field is batched only when every graph
+    carries it.
     """
     fields = DEFAULT_FIELDS if fields is None else fields
     if len(graphs) == 1:
@@ -208,10 +230,18 @@ def collate(graphs: Sequence[dict[str, torch.Tensor]], fields: FieldTable | None
         K.BATCH: torch.repeat_interleave(torch.arange(len(graphs)), n_atoms),
     }
     atom_offsets = _offsets(n_atoms)
-    for key in graphs[0]:
-        if key in out or not all(key in g for g in graphs):
+    keys = list(dict.fromkeys(k for g in graphs for k in g))
+    for key in keys:
+        if key in out:
             continue
         spec = fields.spec(key)
+        carried = [key in g for g in graphs]
+        if not all(carried):
+            if spec.label:
+                out[key] = torch.cat([g[key] if key in g else _zeros(spec, g, graphs, key) for g in graphs],
+                                     spec.concat_dim)
+                out[mask_key(key)] = torch.tensor(carried, dtype=torch.bool)
+            continue
         if spec.per is FieldKind.GLOBAL:
             out[key] = _agreed(key, [g[key] for g in graphs])
         elif spec.index_of is FieldKind.ATOM:
@@ -219,6 +249,14 @@ def collate(graphs: Sequence[dict[str, torch.Tensor]], fields: FieldTable | None
         else:
             out[key] = torch.cat([g[key] for g in graphs], spec.concat_dim)
     return out
+
+
+def _zeros(spec: FieldSpec, graph: Mapping[str, torch.Tensor], graphs: Sequence[Mapping[str, torch.Tensor]],
+           key: str) -> torch.Tensor:
+    """Zeros standing in for a label ``graph`` lacks (shape of its atoms or its one structure)."""
+    like = next(g[key] for g in graphs if key in g)
+    rows = int(graph[K.N_ATOMS][0]) if spec.per is FieldKind.ATOM else 1
+    return like.new_zeros((rows, *like.shape[1:]))
 
 
 def _agreed(key: str, values: list[torch.Tensor]) -> torch.Tensor:
@@ -260,18 +298,21 @@ def replicate_batch(batch: dict[str, torch.Tensor], copies: int, fields: FieldTa
 
 def split_batch(batch: Mapping[str, torch.Tensor], fields: FieldTable | None = None) -> list[dict[str, torch.Tensor]]:
     """The graphs of a batch (the inverse of :func:`collate`): per-atom, per-edge and
-    per-structure entries sliced per structure, indices shifted back, ``batch`` dropped."""
+    per-structure entries sliced per structure, indices shifted back, ``batch`` dropped; a masked
+    label only where its mask says the structure carries it."""
     fields = DEFAULT_FIELDS if fields is None else fields
     n_atoms = batch[K.N_ATOMS]
     atom_offsets = _offsets(n_atoms)
     edge_owner = batch[K.BATCH][batch[K.EDGE_INDEX][0]]
     graphs: list[dict[str, torch.Tensor]] = [{} for _ in range(int(n_atoms.shape[0]))]
     for key, value in batch.items():
-        if key == K.BATCH:
+        if key == K.BATCH or key.endswith(MASK_SUFFIX) and key[: -len(MASK_SUFFIX)] in batch:
             continue
         spec = fields.spec(key)
+        mask = batch.get(mask_key(key)) if spec.label else None
         for b, graph in enumerate(graphs):
-            graph[key] = _slice(spec, value, b, batch[K.BATCH], edge_owner, atom_offsets[b])
+            if mask is None or bool(mask[b]):
+                graph[key] = _slice(spec, value, b, batch[K.BATCH], edge_owner, atom_offsets[b])
     return graphs
 
 

@@ -19,7 +19,7 @@ from ..data.graph import atoms_to_graph
 from ..data.structures import check_geometry
 from ..devices import resolve_device
 from ..exploration.flagging import UncertaintyFlagger
-from .potential import Potential
+from .potential import Potential, check_finite_outputs
 
 __all__ = ["AtomforgeCalculator", "UNCERTAINTY_PROPERTIES", "load_calculator"]
 
@@ -84,6 +84,7 @@ class AtomforgeCalculator(Calculator):
         batch = {k: v.to(self.device) for k, v in collate([graph], self.fields).items()}
         want_stress = bool(np.all(self.atoms.pbc))
         out = self.model(batch, compute_forces=True, compute_stress=want_stress)
+        check_finite_outputs(out, batch, where=f"{len(self.atoms)}-atom {self.atoms.get_chemical_formula()}")
         energy = float(out[K.ENERGY].detach().cpu()[0])
         self.results = {
             "energy": energy,

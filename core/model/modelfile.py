@@ -7,7 +7,9 @@ registry name and the distribution that provided it, so a missing plugin gives a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,11 +22,11 @@ from ..registry import Registry, make_registry
 from .potential import Potential
 
 __all__ = [
-    "FORMAT", "VERSION", "build_model", "build_potential", "save_model", "load_model", "read_model_file",
+    "FORMAT", "VERSION", "content_hash", "check_model_config", "build_model", "build_potential", "save_model", "load_model", "read_model_file",
 ]
 
 FORMAT = "atomforge-model"
-VERSION = 1
+VERSION = 2  # 2: content hash (sha256) in the header; version-1 files load without one
 
 
 def build_potential(config: Mapping[str, Any], registry: Registry) -> Potential:
@@ -68,23 +70,72 @@ def save_model(
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``potential`` (or a UQ head around one) and its rebuild ``config`` atomically."""
+    config_json, metadata_json = json.dumps(dict(config)), json.dumps(dict(metadata or {}))
+    state = {k: v.detach().cpu() for k, v in potential.state_dict().items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "config": json.dumps(dict(config)),
-        "metadata": json.dumps(dict(metadata or {})),
-        "state_dict": {k: v.detach().cpu() for k, v in potential.state_dict().items()},
+        "config": config_json,
+        "metadata": metadata_json,
+        "state_dict": state,
+        "sha256": content_hash(config_json, metadata_json, state),
     }
     atomic_save(payload, Path(path))
     return Path(path)
 
 
-def read_model_file(
-    path: Path | str, *, mmap: bool = False
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, metadata, state_dict) of a model file, with clear errors for foreign files.
+def content_hash(config_json: str, metadata_json: str, state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model file's payload: its config and metadata JSON, then every tensor's name,
+    dtype, shape and bytes in name order. Stored in the header, verified on load."""
+    digest = hashlib.sha256()
+    for text in (config_json, metadata_json):
+        digest.update(text.encode())
+        digest.update(b"\0")
+    for name in sorted(state):
+        tensor = state[name].detach().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    ``mmap=True`` maps the tensors instead of reading them: cheap when only the config is wanted."""
+
+_REQUIRED = ("backbone", "cutoff", "elements", "atomic_energies", "scale", "shift")
+
+
+def check_model_config(config: Any, path: Path) -> dict[str, Any]:
+    """The model-file config, or a :class:`ModelFileError` saying what in it is wrong."""
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: the embedded config is not a JSON object")
+    missing = [key for key in _REQUIRED if key not in config]
+    problems = [f"missing {missing}"] if missing else []
+    if not missing:
+        cutoff, elements, energies = config["cutoff"], config["elements"], config["atomic_energies"]
+        if not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff <= 0:
+            problems.append(f"cutoff must be a positive number of Å, got {cutoff!r}")
+        if not isinstance(elements, list) or not elements or not all(
+                isinstance(z, int) and 0 < z < 119 for z in elements):
+            problems.append(f"elements must be a non-empty list of atomic numbers, got {elements!r}")
+        elif not isinstance(energies, list) or len(energies) != len(elements):
+            problems.append(f"atomic_energies must have one entry per element ({len(elements)}), got {energies!r}")
+        for key in ("scale", "shift"):
+            if not isinstance(config[key], (int, float)) or not math.isfinite(config[key]):
+                problems.append(f"{key} must be a finite number, got {config[key]!r}")
+        if config.get("dtype", "float32") not in ("float32", "float64"):
+            problems.append(f"dtype must be float32 or float64, got {config.get('dtype')!r}")
+    if problems:
+        raise ModelFileError(f"{path}: invalid model config ({'; '.join(problems)}); the file is damaged or was "
+                             "not written by atomforge's save_model")
+    return config
+
+
+def read_model_file(
+    path: Path | str, *, mmap: bool = False, verify: bool | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, metadata, state_dict) of a model file, with clear errors (:class:`ModelFileError`)
+    for foreign, damaged or corrupted files.
+
+    ``verify`` (default: unless ``mmap``) recomputes the content hash and refuses a file whose
+    bytes changed since it was written. ``mmap=True`` maps the tensors instead of reading them:
+    cheap when only the config is wanted."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {str(path)!r} does not exist")
@@ -100,7 +151,20 @@ def read_model_file(
         raise ModelFileError(
             f"{path} has format version {payload['version']}; this atomforge reads ≤ {VERSION}. Upgrade."
         )
-    return json.loads(payload["config"]), json.loads(payload["metadata"]), payload["state_dict"]
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: the file holds no weights (state_dict) it can use; it is damaged")
+    if (not mmap if verify is None else verify) and "sha256" in payload:
+        actual = content_hash(str(payload["config"]), str(payload["metadata"]), state)
+        if actual != payload["sha256"]:
+            raise ModelFileError(
+                f"{path} is corrupted: its content hash is {actual[:16]}…, but it was written with "
+                f"{str(payload['sha256'])[:16]}… (bytes changed on disk or in transfer). Restore or re-export it.")
+    try:
+        config, metadata = json.loads(payload["config"]), json.loads(payload["metadata"])
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: its embedded config is not valid JSON ({error}); the file is damaged") from error
+    return check_model_config(config, path), metadata if isinstance(metadata, dict) else {}, state
 
 
 def load_model(
@@ -124,7 +188,11 @@ def load_model(
             f"Install {provider!r} and try again."
         )
     potential = build_model(config, registry)
-    potential.load_state_dict(state)
+    try:
+        potential.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: its weights do not fit the model its config describes ({str(error)[:300]}); "
+                             "the file is damaged or its backbone plugin changed since it was written") from error
     if dtype is not None:
         potential = potential.to(dtype)
     return potential.eval()

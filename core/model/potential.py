@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .. import keys as K
-from .._errors import UnseenElementError
+from .._errors import ModelOutputError, UnseenElementError
 
 __all__ = [
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "fit_normalization",
-    "scatter_sum",
+    "scatter_sum", "check_finite_outputs",
 ]
 
 _MAX_Z = 119
@@ -213,6 +213,29 @@ def energy_derivatives(
         results[K.VIRIAL] = _zeros_if_none(grads[-1], strain.expand(*lead, *strain.shape)).neg()
         results[K.STRESS] = -results[K.VIRIAL] / volume
     return results
+
+
+def check_finite_outputs(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], *,
+                         where: str = "", first_index: int = 0) -> None:
+    """Raise :class:`ModelOutputError` naming the structures of ``batch`` (numbered from
+    ``first_index``) whose energy, forces or stress (or a UQ std) came out NaN/inf; nothing when
+    every output is finite."""
+    bad: dict[str, list[int]] = {}
+    for key in (K.ENERGY, K.FORCES, K.STRESS, K.ENERGY_STD, K.FORCES_STD):
+        if key not in outputs:
+            continue
+        value = outputs[key].detach()
+        finite = torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+        if bool(finite.all()):
+            continue
+        owner = batch[K.BATCH] if key in (K.FORCES, K.FORCES_STD) else torch.arange(value.shape[0], device=value.device)
+        bad[key] = sorted({first_index + int(b) for b in owner[~finite].tolist()})
+    if bad:
+        detail = "; ".join(f"{key} of structure(s) {rows[:8]}" for key, rows in bad.items())
+        raise ModelOutputError(
+            f"{where + ': ' if where else ''}the model returned NaN/inf ({detail}). The numbers are not used. "
+            "Check the model file (a corrupted or diverged model) and the structure (atoms far closer than in "
+            "the training data, a cell of the wrong units).")
 
 
 def fit_normalization(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import keys as K
-from .._errors import ConfigError
+from .._errors import ConfigError, TrainingDivergedError
 from .._io import atomic_save, write_text_atomic
 from ..analysis.metrics import ErrorAccumulator
 from ..data.fields import collate
@@ -222,6 +222,11 @@ class Trainer:
             for name, value in step.metrics.items():
                 measured.setdefault(name, []).append(float(value))
             loss_sum, micro = self.backend.step(self._batches(train, step.batches, augment), self._loss_of)
+            if not math.isfinite(loss_sum):
+                raise TrainingDivergedError(
+                    f"the training loss became {loss_sum} at epoch {self.epoch + 1}, step {steps + 1}; the weights "
+                    "are no longer usable. The last checkpoint is kept: lower training.lr (or set "
+                    "training.grad_clip), check the data for outliers, and resume or restart.")
             total, count, steps = total + loss_sum, count + micro, steps + 1
             if hasattr(self.scheduler, "update_time"):
                 self.scheduler.update_time(self.elapsed + time.perf_counter() - started)

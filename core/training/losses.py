@@ -15,7 +15,20 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["LossTerm", "Augmentation", "WeightedTerm", "CompositeLoss"]
+from .. import keys as K
+from ..data.fields import label_mask
+
+__all__ = ["LossTerm", "Augmentation", "WeightedTerm", "CompositeLoss", "label_weights"]
+
+
+def label_weights(batch: dict[str, torch.Tensor], label: str) -> torch.Tensor:
+    """[B] per-structure loss weights for a term on ``label``: the sample weight
+    (:data:`keys.WEIGHT`), zero for structures that lack the label (its mask; see
+    :func:`atomforge.collate`). Divide by ``weights.sum().clamp_min(...)`` — a batch may have
+    none."""
+    weight = batch[K.WEIGHT]
+    mask = label_mask(batch, label)
+    return weight if mask is None else weight * mask.to(weight.dtype)
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from ase import Atoms
 
 from .. import distributed as dist, keys as K
 from .._errors import ConfigError, DataValidationError
-from .._io import write_json_atomic, write_text_atomic
+from .._io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from .._specs import PluginKind
 from ..analysis.calibration import calibrate
 from ..analysis.evaluate import evaluate, evaluate_uncertainty
@@ -218,6 +218,8 @@ class ProgressBar:
 
 def _run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = config.output
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output {str(run_dir)!r} exists and is not a directory; choose another output")
     if (run_dir / LEGACY_CHECKPOINT).exists():
         raise ConfigError(
             f"{run_dir} holds a checkpoint of atomforge 0.1 ({LEGACY_CHECKPOINT}); this version keeps checkpoints in "
@@ -228,11 +230,15 @@ def _run_dir(config: RunConfig, resume: bool) -> Path:
             f"{run_dir} already holds a training checkpoint; pass --resume to continue it, or "
             "choose another output directory (nothing was overwritten)"
         )
+    if resume:
+        _check_resume(config, run_dir)  # before anything is created or written
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: bool) -> None:
+def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: bool) -> int | None:
+    """Open (or reopen, on resume) the run; returns the last epoch it already logged (a resumed
+    run re-runs the epoch a kill interrupted and must not log it twice)."""
     state_file = run_dir / TRACKING_FILE
     previous = json.loads(state_file.read_text()).get("run_id") if resume and state_file.exists() else None
     run_id = tracker.start(run_name=config.tracking.run_name or run_dir.name, resume_run_id=previous)
@@ -240,6 +246,9 @@ def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: b
     if previous is None:
         tracker.log_params(flatten(config.to_dict()))
         tracker.log_dict(config.to_dict(), "config.yaml")
+        return None
+    last_step = getattr(tracker, "last_step", None)
+    return last_step("valid_loss") if callable(last_step) else None
 
 
 def _on_main(action: Any) -> Any:
@@ -259,8 +268,42 @@ def _on_main(action: Any) -> Any:
     return result
 
 
+#: what may change when a run is resumed: stopping limits, threads, where it runs, what is
+#: evaluated at the end and how it is tracked. Anything else would not continue the same run.
+RESUMABLE_CHANGES = ("training.max_epochs", "training.max_time", "training.patience", "training.num_threads",
+                     "training.valid_batch_size", "training.device", "data.test", "evaluation", "tracking")
+
+
+def resume_conflicts(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: stored → new`` for every difference between a run's stored config and the config
+    it is resumed with, except :data:`RESUMABLE_CHANGES`."""
+    old_flat, new_flat = flatten(stored), flatten(new)
+    allowed = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
+    keys = sorted(k for k in set(old_flat) | set(new_flat) if not allowed(k))
+    missing = object()
+    return [f"{k}: {old_flat.get(k, '(absent)')!r} → {new_flat.get(k, '(absent)')!r}" for k in keys
+            if old_flat.get(k, missing) != new_flat.get(k, missing)]
+
+
+def _check_resume(config: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume a run with a config that would not continue it (before writing anything)."""
+    stored_file = run_dir / "config.yaml"
+    if not has_checkpoint(run_dir) or not stored_file.exists():
+        return
+    stored = yaml.safe_load(stored_file.read_text()) or {}
+    conflicts = resume_conflicts(stored, config.to_dict())
+    if conflicts:
+        raise ConfigError(
+            f"--resume: the config differs from the one {run_dir} was trained with, in ways that would not continue "
+            "the same run:\n  " + "\n  ".join(conflicts) + "\nOnly stopping limits (max_epochs, max_time, patience), "
+            "threads, device, the test set, evaluation and tracking may change. Restore the old values, or start a new "
+            "run in another output directory (nothing was written).")
+
+
 def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = _run_dir(config, resume)
+    if resume:
+        remove_stale_temporaries(run_dir)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
@@ -291,10 +334,10 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
                   file=sys.stderr)
     tracker = make_tracker(registry, config) if main else registry.get(PluginKind.TRACKER, "none").factory(
         run_dir=config.output, experiment=config.tracking.experiment)
-    if main:
-        _start_tracker(tracker, config, run_dir, resume)
+    logged_through = _start_tracker(tracker, config, run_dir, resume) if main else None
     try:
-        trainer = make_trainer(config, registry, model, loss, tracker, verbose, backend=backend)
+        trainer = make_trainer(config, registry, model, loss, tracker, verbose, backend=backend,
+                               logged_through=logged_through)
         result = trainer.fit(sets["train"], sets["valid"], resume=resume)
         final = trainer.export_model()  # collective for sharded engines
         if config.uq is not None:  # extra members, latent density, calibration (docs/uq.md)
@@ -342,16 +385,18 @@ def make_backend(config: RunConfig, registry: Registry, settings: TrainSettings)
 
 
 def make_trainer(config: RunConfig, registry: Registry, model: torch.nn.Module, loss: CompositeLoss,
-                 tracker: Tracker, verbose: bool, *, backend: TrainingBackend | None = None) -> Trainer:
+                 tracker: Tracker, verbose: bool, *, backend: TrainingBackend | None = None,
+                 logged_through: int | None = None) -> Trainer:
     """The training loop for ``model``: optimiser, schedule, callbacks and the engine's backend
-    (a fresh one unless given), checkpointing into ``<output>/checkpoint``."""
+    (a fresh one unless given), checkpointing into ``<output>/checkpoint``. Epochs up to
+    ``logged_through`` are already in the tracker (a resumed run) and are not logged again."""
     t = config.training
     settings = train_settings(config, loss)
     optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay)
     s = t.scheduler
     scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
                                patience=s.patience, min_lr=s.min_lr, gamma=s.gamma, max_time=t.max_time)
-    callbacks: list[Any] = [TrackerCallback(tracker)] if dist.is_main() else []
+    callbacks: list[Any] = [TrackerCallback(tracker, logged_through=logged_through)] if dist.is_main() else []
     if verbose:
         callbacks.append(ProgressBar(t.max_epochs))
     return Trainer(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, settings=settings,
@@ -416,6 +461,7 @@ def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: 
             continue
         acc = evaluate(model, sets[name])
         metrics.update({f"{prefix}_{k}": v for k, v in acc.metrics().items()})
+        metrics.update({f"{prefix}_{quantity}_count": n for quantity, n in acc.counts.items()})  # structures scored
         plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
         tracker.log_artifact(plot, "plots")
     tracker.log_metrics(metrics)
