@@ -205,6 +205,7 @@ def _plugins(parser: argparse.ArgumentParser) -> Runner:
         listing = {kind.value: [{"name": p.spec.name, "distribution": p.distribution, "plugin": p.plugin,
                                  "description": p.spec.description} for p in registry.entries(kind)]
                    for kind in PluginKind}
+        listing[PluginKind.FIELD.value] = _fields(registry)
         if args.json:
             print(json.dumps({"plugins": listing, "failures": [f.__dict__ for f in registry.failures]}, indent=2))
             return 0
@@ -218,6 +219,20 @@ def _plugins(parser: argparse.ArgumentParser) -> Runner:
         return 0
 
     return run
+
+
+def _fields(registry: Registry) -> list[dict[str, str]]:
+    """Every batch field (atomforge's own and the plugins'), with its kind and shape."""
+    plugin_fields = {p.spec.name: p for p in registry.entries(PluginKind.FIELD)}
+    rows = []
+    for name, spec in registry.fields.items():
+        provided = plugin_fields.get(name)
+        shape = ",".join(map(str, spec.shape))
+        rows.append({"name": name, "distribution": provided.distribution if provided else "atomforge",
+                     "plugin": provided.plugin if provided else "atomforge (core)",
+                     "description": f"per {spec.per.value}{f' [{shape}]' if shape else ''}, {spec.dtype}"
+                                    f"{', label' if spec.label else ''}: {spec.description}"})
+    return rows
 
 
 def _demo(parser: argparse.ArgumentParser) -> Runner:

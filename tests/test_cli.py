@@ -24,11 +24,13 @@ def test_plugins_lists_every_kind_with_its_distribution() -> None:
     done = atomforge("plugins")
     assert done.returncode == 0, done.stderr
     for kind in ("backbones", "losses", "data_sources", "uq_heads", "oracles", "explorers", "selectors",
-                 "trackers", "engines", "commands"):
+                 "trackers", "engines", "commands", "fields"):
         assert f"{kind}:" in done.stdout
     assert "painn" in done.stdout and "[atomforge]" in done.stdout
+    assert "per atom [3], float, label: reference forces" in done.stdout  # batch fields with their kind
     listing = json.loads(atomforge("plugins", "--json").stdout)
     assert {p["name"] for p in listing["plugins"]["backbones"]} >= {"painn"}
+    assert {"positions", "charge", "energy", "energy_mask"} <= {f["name"] for f in listing["plugins"]["fields"]}
 
 
 def test_train_evaluate_md_from_the_command_line(cu_files, tmp_path) -> None:
