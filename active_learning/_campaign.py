@@ -5,15 +5,23 @@ writes its output atomically before the state moves on, so a killed run resumes 
 was in: training continues from its checkpoint, exploring restarts (it is seeded), labelling
 requests only candidates the journal does not hold. Plugins are reached through the registry
 by name only.
+
+A :class:`Campaign` owns its directory: it takes the campaign lock (``_lock.py``) before reading
+anything there and holds it until :meth:`Campaign.close`. Before the first phase the driver probes
+the oracle (:meth:`Campaign.probe_oracle`); events worth keeping (lock takeovers, probes, worker
+deaths, halts) are appended to ``campaign.log``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
+import os
 import sys
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +33,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from atomforge import (
+    AtomforgeError,
     Candidate,
     ConfigError,
     DataValidationError,
@@ -32,6 +41,7 @@ from atomforge import (
     PluginKind,
     Registry,
     config_from_dict,
+    get_labels,
     has_checkpoint,
     load_calculator,
     train,
@@ -41,17 +51,28 @@ from atomforge import (
 )
 
 from ._config import TRAIN_KEYS, CampaignConfig
-from ._labelling import OracleCall, label_all, make_executor
+from ._labelling import OracleCall, build_oracle, label_all, make_executor
+from ._lock import CampaignLock, describe_holder
 from ._trainjob import run_training_job
 from ._stratify import stratified_select, unknown_keys
 from ._store import JournalEntry, LabelJournal, LabelledSet, read_json, repair_journal, structure_hash, write_json_atomic
 
 _LOG = logging.getLogger("atomforge.active_learning")
 
-__all__ = ["Campaign", "CampaignResult", "STATE_FILE", "score", "latent_features", "stable_split"]
+__all__ = ["Campaign", "CampaignResult", "OracleProbeFailed", "LabellingHalted", "STATE_FILE", "LOG_FILE", "score",
+           "latent_features", "stable_split"]
 
 STATE_FILE = "state.json"
+LOG_FILE = "campaign.log"  # append-only record of the drivers' events
 TRUST_KEYS = ("lo", "hi", "adaptive")
+
+
+class OracleProbeFailed(AtomforgeError):
+    """The oracle could not be built, or could not label a starting structure, at campaign start."""
+
+
+class LabellingHalted(AtomforgeError):
+    """Every label an iteration requested failed: the oracle looks broken, so the campaign stops."""
 
 
 @dataclass(frozen=True)
@@ -73,19 +94,38 @@ class Campaign:
         self.config, self.registry, self.verbose = config, registry, verbose
         self.dir = config.output
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.journal = LabelJournal(self.dir / "journal.jsonl")
-        self.labelled = LabelledSet(self.dir / "labelled.extxyz")
-        self.state: dict[str, Any] = read_json(self.dir / STATE_FILE) or {
-            "iteration": 0, "phase": "train", "stopped_because": None, "parent_run_id": None,
-            "child_runs": {}, "history": []}
         self._executor = executor
         self._owns_executor = executor is None
-        self._check_names()
+        self.lock = CampaignLock(self.dir).acquire()  # raises CampaignLocked naming the holder
+        try:
+            self.log(f"driver started: pid {os.getpid()}, lock {self.lock.mode}"
+                     + (f" ({self.lock.note})" if self.lock.note else ""), quiet=True)
+            if self.lock.took_over is not None:
+                gone = describe_holder(self.lock.took_over)
+                self.log(f"took over the campaign lock of a driver that is gone ({gone}): it was killed or crashed "
+                         "without releasing it; resuming from the records on disk", warning=True)
+            self.journal = LabelJournal(self.dir / "journal.jsonl")
+            self.labelled = LabelledSet(self.dir / "labelled.extxyz")
+            self.state: dict[str, Any] = read_json(self.dir / STATE_FILE) or {
+                "iteration": 0, "phase": "train", "stopped_because": None, "parent_run_id": None,
+                "child_runs": {}, "history": []}
+            self._check_names()
+        except BaseException:
+            self.lock.release()
+            raise
 
     # -- helpers ------------------------------------------------------------------------------------
-    def log(self, message: str) -> None:
-        if self.verbose:
-            print(f"[al] {message}", file=sys.stderr)
+    def log(self, message: str, *, warning: bool = False, quiet: bool = False) -> None:
+        """Print ``message`` (unless not verbose; warnings always, ``quiet`` never) and append it to
+        ``campaign.log``."""
+        if warning or (self.verbose and not quiet):
+            print(f"[al] {'warning: ' if warning else ''}{message}", file=sys.stderr)
+        try:
+            with open(self.dir / LOG_FILE, "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] "
+                             f"{'WARNING ' if warning else ''}{message}\n")
+        except OSError:  # the log is a convenience; never let it stop a campaign
+            pass
 
     def _check_names(self) -> None:
         """Fail early on unknown plugin names and bad explorer options, before anything runs."""
@@ -126,10 +166,87 @@ class Campaign:
                                            address=e.address)
         return self._executor
 
-    def close(self) -> None:
-        if self._owns_executor and self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+    def close(self, *, error: bool = False) -> None:
+        """Stop the campaign's own executor (after an ``error``, kill its workers at once: their
+        results could not be recorded any more) and release the campaign lock."""
+        try:
+            if self._owns_executor and self._executor is not None:
+                executor, self._executor = self._executor, None
+                if error and hasattr(executor, "terminate"):
+                    executor.terminate()
+                else:
+                    executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.lock.release()
+
+    # -- the oracle probe ---------------------------------------------------------------------------
+    def oracle_call(self) -> OracleCall:
+        o = self.config.oracle
+        return OracleCall(self.registry.get(PluginKind.ORACLE, o.name).factory, dict(o.options), o.timeout, o.retries)
+
+    def _oracle_fingerprint(self) -> str:
+        o = self.config.oracle
+        text = json.dumps([o.name, o.options, o.timeout, o.retries], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def probe_oracle(self) -> None:
+        """Check the oracle before anything is spent: build it through the executor (importable,
+        constructible) and label the first initial structure within its timeout (validated like
+        every label). The label is skipped on a resume whose oracle settings were probed before,
+        unless the last driver halted because every label failed. Nothing is journalled; a
+        failure raises :class:`OracleProbeFailed`."""
+        o, call = self.config.oracle, self.oracle_call()
+        fingerprint = self._oracle_fingerprint()
+        previous = self.state.get("oracle_probe") or {}
+        full = not (previous.get("ok") and previous.get("fingerprint") == fingerprint) or bool(self.state.get("halted"))
+        executor = self._executor_for_labels()
+        fix = (f"Nothing was labelled or journalled and no budget was spent; fix `oracle:` in the campaign file "
+               f"(name {o.name!r}, options {o.options}) and re-run `atomforge al run`.")
+        if not full:
+            try:
+                error = executor.submit(build_oracle, call).result()
+            except Exception as failure:  # noqa: BLE001 - e.g. the worker died while building it
+                error = f"{type(failure).__name__}: {failure}"
+            if error:
+                raise OracleProbeFailed(f"the oracle {o.name!r} failed its start-up probe: {error}. {fix}")
+            self.log(f"oracle probe: {o.name!r} built (its labelling was probed on {previous.get('date')} "
+                     "with the same settings)")
+            return
+        atoms = read(self.dir / "initial.extxyz", index=0).copy()  # no labels, no calculator: the structure only
+        atoms.info.pop("al_key", None)
+        key = structure_hash(atoms)
+        self.log(f"oracle probe: labelling the first initial structure with {o.name!r} (timeout {o.timeout} s)")
+        result = label_all(executor, call, [(key, atoms)], lambda r: None,
+                           log=lambda line: self.log(f"oracle probe: {line}", warning=True))[0]
+        if not result.ok:
+            raise OracleProbeFailed(
+                f"the oracle {o.name!r} failed its start-up probe (one label of the first initial structure, "
+                f"timeout {o.timeout} s, {o.retries} retries): {result.error}. {fix}")
+        self.state["oracle_probe"] = {"ok": True, "fingerprint": fingerprint, "key": key, "attempts": result.attempts,
+                                      "seconds": round(result.seconds, 3), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.state.pop("halted", None)
+        self.save_state()
+        self.log(f"oracle probe: {o.name!r} labelled it in {result.seconds:.2f} s ({result.attempts} attempt(s)); "
+                 "the result is valid")
+        self._compare_with_initial_labels(result.atoms)
+
+    def _compare_with_initial_labels(self, probed: Atoms) -> None:
+        """Warn when the oracle disagrees with the initial data's label of the probed structure:
+        labels from another method or other settings would be mixed into one training set."""
+        try:
+            stored, fresh = get_labels(read(self.dir / "initial.extxyz", index=0)), get_labels(probed)
+        except Exception:  # noqa: BLE001 - an unlabelled or odd initial structure: nothing to compare
+            return
+        if stored.energy is None or fresh.energy is None:
+            return
+        d_energy = abs(stored.energy - fresh.energy) / max(1, len(probed))
+        comparable = stored.forces is not None and fresh.forces is not None and stored.forces.shape == fresh.forces.shape
+        d_forces = float(np.abs(stored.forces - fresh.forces).max()) if comparable else 0.0
+        if d_energy > 5e-3 or d_forces > 5e-2:
+            self.log(f"oracle probe: the oracle's label of the first initial structure differs from the initial "
+                     f"data's ({d_energy:.3g} eV/atom, max force difference {d_forces:.3g} eV/Å): are the initial "
+                     "data labelled with the same method and settings? Mixed label sources bias the model.",
+                     warning=True)
 
     # -- setup --------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -347,17 +464,17 @@ class Campaign:
         if not result.ok:
             self.log(f"label {result.key} failed and is skipped: {result.error}")
 
-    def label(self, iteration: int) -> None:
-        """Request every selected label the journal does not hold yet."""
+    def label(self, iteration: int) -> list[LabelResult]:
+        """Request every selected label the journal does not hold yet; returns their results."""
         selection = read_json(self.iter_dir(iteration) / "selection.json")
         by_key = {c.key: c.atoms for c in self.candidates(iteration)}
         pending = [(k, by_key[k]) for k in selection["keys"] if k not in self.journal]
         if not pending:
-            return
+            return []
         o = self.config.oracle
-        call = OracleCall(self.registry.get(PluginKind.ORACLE, o.name).factory, dict(o.options), o.timeout, o.retries)
         self.log(f"iteration {iteration}: labelling {len(pending)} candidates with {o.name!r}")
-        label_all(self._executor_for_labels(), call, pending, lambda r: self.record_label(iteration, r))
+        return label_all(self._executor_for_labels(), self.oracle_call(), pending,
+                         lambda r: self.record_label(iteration, r), log=lambda line: self.log(line, warning=True))
 
 
 def write_extxyz_atomic(path: Path, frames: list[Atoms]) -> None:

@@ -3,11 +3,16 @@
 Phases of iteration *i*: ``train`` (model *i* on everything labelled so far) → stop? →
 ``explore`` → ``select`` → stop? → ``label`` → ``track`` (child run *i*) → iteration *i + 1*.
 The model of the last iteration is the final one; it has seen every label.
+
+Before the first phase a driver holds the campaign lock (taken by :class:`Campaign`) and has
+probed the oracle; an iteration whose every requested label failed halts the campaign
+(:class:`LabellingHalted`) instead of training on nothing new.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +24,7 @@ import yaml
 from atomforge import PluginKind, Registry, pyplot, read_json, save_figure
 from atomforge import Tracker
 
-from ._campaign import Campaign, CampaignResult
+from ._campaign import Campaign, CampaignResult, LabellingHalted
 from ._config import CampaignConfig
 
 __all__ = ["run_campaign", "error_metric", "learning_curve_plot", "uncertainty_histogram"]
@@ -211,9 +216,27 @@ def _phase_select(campaign: Campaign, tracker: Tracker) -> None:
 
 
 def _phase_label(campaign: Campaign, tracker: Tracker) -> None:
+    i = campaign.state["iteration"]
     with campaign.timed("label"):
-        campaign.label(campaign.state["iteration"])
+        results = campaign.label(i)
+    entries = [e for e in campaign.journal.entries.values() if e.iteration == i]
+    if results and entries and not any(e.status == "ok" for e in entries):
+        _halt(campaign, i, entries)
     campaign.state["phase"] = "track"
+
+
+def _halt(campaign: Campaign, i: int, entries: list[Any]) -> None:
+    """Stop the campaign: every label iteration ``i`` requested failed (the oracle looks broken)."""
+    reasons = Counter(e.reason for e in entries).most_common(3)
+    summary = "; ".join(f"{n} × {reason}" for reason, n in reasons)
+    reason = (f"every label requested in iteration {i} failed ({len(entries)} of {len(entries)}): {summary}")
+    campaign.state["halted"] = reason
+    campaign.save_state()
+    campaign.log(f"campaign halted: {reason}", warning=True)
+    raise LabellingHalted(
+        f"{reason}. The oracle looks broken, so the campaign stops here instead of training on nothing new. "
+        "These structures are journalled as failed and are not requested again; fix the oracle and re-run "
+        "`atomforge al run`: it probes the oracle again, then continues with the next iteration.")
 
 
 def _phase_track(campaign: Campaign, tracker: Tracker) -> None:
@@ -229,21 +252,33 @@ PHASES: dict[str, Callable[[Campaign, Tracker], None]] = {
 
 def run_campaign(config: CampaignConfig, registry: Registry, *, executor: Executor | None = None,
                  verbose: bool = True) -> CampaignResult:
-    """Run (or resume) the campaign in ``config.output`` until a stop criterion holds."""
+    """Run (or resume) the campaign in ``config.output`` until a stop criterion holds.
+
+    Holds the campaign lock throughout (another driver of the directory raises
+    :class:`~._lock.CampaignLocked` naming the holder) and probes the oracle before the first
+    phase (:class:`~._campaign.OracleProbeFailed`); an iteration whose every label failed raises
+    :class:`~._campaign.LabellingHalted`."""
     campaign = Campaign(config, registry, executor=executor, verbose=verbose)
-    campaign.prepare()
-    (campaign.dir / "campaign.yaml").write_text(yaml.safe_dump(_config_record(config), sort_keys=False))
-    tracker = _make_tracker(campaign)
     try:
-        while campaign.state["phase"] != "done":
-            PHASES[campaign.state["phase"]](campaign, tracker)
-            campaign.save_state()
+        campaign.prepare()
+        (campaign.dir / "campaign.yaml").write_text(yaml.safe_dump(_config_record(config), sort_keys=False))
+        if campaign.state["phase"] != "done":
+            campaign.probe_oracle()
+        tracker = _make_tracker(campaign)
+        try:
+            while campaign.state["phase"] != "done":
+                PHASES[campaign.state["phase"]](campaign, tracker)
+                campaign.save_state()
+        except BaseException as error:
+            tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+        tracker.end("FINISHED")
     except BaseException as error:
-        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        campaign.log(f"driver stopped: {type(error).__name__}: {error}".splitlines()[0], quiet=True)
+        campaign.close(error=True)
         raise
-    finally:
-        campaign.close()
-    tracker.end("FINISHED")
+    campaign.log(f"driver finished: {campaign.state['stopped_because']}", quiet=True)
+    campaign.close()
     final = campaign.state["final_iteration"]
     return CampaignResult(campaign.dir, final, len(campaign.journal.with_status("ok")),
                           campaign.state["stopped_because"], campaign.model_path(final))

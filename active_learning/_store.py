@@ -8,7 +8,9 @@ carrying its key in ``info['al_key']``), then a line is appended to ``journal.js
 therefore leave (a) a half-written last frame or journal line — dropped on the next open, since
 the label it belongs to was never committed — or (b) a frame whose journal line is missing —
 the journal is repaired from the data set. Either way no completed label is lost and none is
-requested again.
+requested again. Only the driver holding the campaign lock (``_lock.py``) writes or repairs these
+files; readers (``al status``, ``al export``) open them with ``repair=False`` and see the complete
+records only.
 """
 
 from __future__ import annotations
@@ -50,17 +52,19 @@ class JournalEntry:
 class LabelJournal:
     """Append-only JSONL of label outcomes, keyed by structure hash."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, repair: bool = True) -> None:
         self.path = Path(path)
         self.entries: dict[str, JournalEntry] = {}
-        self._load()
+        self._load(repair)
 
-    def _load(self) -> None:
+    def _load(self, repair: bool) -> None:
+        """Read the complete lines; ``repair`` (the lock holder only) also cuts a half-written last
+        line off the file — a reader (``al status``) skips it, as the driver may be writing it."""
         if not self.path.exists():
             return
         text = self.path.read_text()
         complete = text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
-        if complete != text:  # a kill during the last append: that label was never committed
+        if complete != text and repair:  # a kill during the last append: that label was never committed
             self.path.write_text(complete)
         for line in complete.splitlines():
             if line.strip():
@@ -85,9 +89,11 @@ class LabelJournal:
 class LabelledSet:
     """The campaign's append-only labelled data set (extxyz; ``info['al_key']`` on every frame)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, repair: bool = True) -> None:
         self.path = Path(path)
-        self._truncate_partial_frame()
+        self.repair = repair  # False for readers: never write, read complete frames only
+        if repair:
+            self._truncate_partial_frame()
 
     def _truncate_partial_frame(self) -> None:
         """Drop a last frame cut short by a kill (its label was never journalled)."""
@@ -111,6 +117,10 @@ class LabelledSet:
         """All labelled structures so far."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return []
+        if not self.repair:  # the driver may be appending: read the complete frames only
+            data = self.path.read_bytes()
+            data = data[: complete_extxyz_length(data)]
+            return list(read(io.StringIO(data.decode()), index=":", format="extxyz")) if data else []
         return list(read(self.path, index=":", format="extxyz"))
 
     def keys(self) -> list[str]:

@@ -1,6 +1,12 @@
 """The ``atomforge al`` command: ``al run CAMPAIGN.yaml`` (resumes an existing campaign
 directory), ``al status DIR`` and ``al export DIR --out OUT``. Registered through the
-``register_commands`` hook (this module is listed in ``atomforge.registry.DEFAULT_PLUGINS``)."""
+``register_commands`` hook (this module is listed in ``atomforge.registry.DEFAULT_PLUGINS``).
+
+``al run`` is the campaign's driver and holds the campaign lock for its whole life; ``al status``
+and ``al export`` are readers: they take no lock (they never block or disturb a running driver),
+write nothing in the campaign directory and read only committed records (``state.json`` and
+model files are replaced atomically; of the append-only journal and labelled set they read the
+complete lines and frames)."""
 
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from ase.io import read, write
 
 from atomforge import CommandSpec, ConfigError, Registry, hookimpl
 
-from ._store import LabelJournal, read_json
+from ._lock import read_lock_holder
+from ._store import LabelJournal, LabelledSet, read_json
 
 Runner = Callable[[argparse.Namespace, Registry], int]
 
@@ -25,7 +32,7 @@ def campaign_status(directory: Path) -> dict[str, Any]:
     state = read_json(directory / "state.json")
     if state is None:
         raise ConfigError(f"{directory} is not a campaign directory (no state.json); start one with `al run`")
-    journal = LabelJournal(directory / "journal.jsonl")
+    journal = LabelJournal(directory / "journal.jsonl", repair=False)
     failed = journal.with_status("failed")
     explored = [h for h in state["history"] if h.get("explored")]
     last = explored[-1] if explored else {}
@@ -36,7 +43,17 @@ def campaign_status(directory: Path) -> dict[str, Any]:
         "last_failures": [{"key": e.key, "reason": e.reason} for e in failed[-5:]],
         "last_errors": {k: v for k, v in (state.get("metrics") or {}).items() if k.endswith(("_mae", "_rmse"))},
         "uncertainty": {k: last[k] for k in last if k.startswith(("std_", "explored", "lo", "hi", "calibration"))},
+        "halted_because": state.get("halted"),
+        "driver": _driver(directory),
     }
+
+
+def _driver(directory: Path) -> dict[str, Any] | None:
+    """The driver named by the campaign lock: host, pid, started, command, alive (None: another host)."""
+    holder = read_lock_holder(directory)
+    if holder is None:
+        return None
+    return {k: holder.get(k) for k in ("host", "pid", "started", "command", "alive", "lock")}
 
 
 def final_model_path(directory: Path | str) -> Path:
@@ -62,9 +79,7 @@ def export_campaign(directory: Path, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(model, out / "model.pt")
     structures = list(read(directory / "initial.extxyz", index=":"))
-    labelled = directory / "labelled.extxyz"
-    if labelled.exists() and labelled.stat().st_size:
-        structures += list(read(labelled, index=":"))
+    structures += LabelledSet(directory / "labelled.extxyz", repair=False).read()  # complete frames only
     write(out / "dataset.extxyz", structures, format="extxyz")
     return {"model": str(out / "model.pt"), "dataset": str(out / "dataset.extxyz"),
             "structures": str(len(structures)), "final": str(state.get("phase") == "done")}

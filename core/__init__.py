@@ -67,7 +67,15 @@ from .data.structures import (
 )
 from .devices import autocast_context, cast_outputs, resolve_device
 from .exploration.flagging import UncertaintyFlagger, read_candidates
-from .exploration.oracle import CalculatorOracle, LabelResult, Oracle, OracleFailure, OracleTimeout, label_safely
+from .exploration.oracle import (
+    CalculatorOracle,
+    LabelResult,
+    Oracle,
+    OracleFailure,
+    OracleTimeout,
+    check_label_result,
+    label_safely,
+)
 from .exploration.records import (
     Candidate,
     Explorer,
@@ -141,7 +149,7 @@ __all__ = [
     # uncertainty
     "UQHead", "UQFitContext", "calibrate", "member_statistics",
     # oracles, exploration, selection
-    "CalculatorOracle", "Oracle", "OracleFailure", "OracleTimeout", "LabelResult", "label_safely",
+    "CalculatorOracle", "Oracle", "OracleFailure", "OracleTimeout", "LabelResult", "label_safely", "check_label_result",
     "Explorer", "Selector", "Candidate", "Selection", "uncertainty_of", "structure_hash", "min_distance_ratio",
     "unphysical_reason", "UncertaintyFlagger", "read_candidates",
     # tracking and files

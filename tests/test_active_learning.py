@@ -243,7 +243,7 @@ def test_killed_during_labelling_resumes_without_losing_or_repeating_labels(al_f
     log = tmp_path / "requests.log"
     log.write_text("x\nx\nx\nx\n")  # skip the misbehaving calls 1-4: every label succeeds
     raw = campaign_raw(al_files, tmp_path / "c", oracle={"name": "misbehaving", "log": str(log),
-                                                         "interrupt_after": 6})
+                                                         "interrupt_after": 7})  # call 5: the oracle probe
     with pytest.raises(KeyboardInterrupt):  # the 3rd label of iteration 0 is in flight when "killed"
         run_campaign(campaign_from_dict(raw), registry, verbose=False)
     first = journal_keys(tmp_path / "c")
@@ -251,7 +251,7 @@ def test_killed_during_labelling_resumes_without_losing_or_repeating_labels(al_f
     raw["oracle"]["interrupt_after"] = None
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
     keys = journal_keys(result.directory)
-    requested = log.read_text().splitlines()[4:]
+    requested = log.read_text().splitlines()[5:]
     assert keys[:2] == first and len(keys) == len(set(keys)) == 6  # nothing lost, nothing twice
     assert result.labels == len(LabelledSet(result.directory / "labelled.extxyz").keys()) == 6
     completed_before = set(first)

@@ -1,10 +1,11 @@
 """The oracle interface: something that labels structures (energy, forces, stress).
 
 An oracle's ``label(atoms)`` returns a labelled copy or raises. Active learning never calls it
-bare: :func:`label_safely` adds a time limit, retries and a check for non-finite labels, and
-turns every failure into a :class:`LabelResult` with a reason, so that one bad candidate (an SCF
-that does not converge, a NaN, a hung calculation) is recorded and skipped instead of stopping a
-campaign.
+bare: :func:`label_safely` adds a time limit, retries and a validation of every result
+(:func:`check_label_result`: finite energy, forces of shape (N, 3), stress (3, 3) or Voigt (6,),
+the structure that was asked about), and turns every failure into a :class:`LabelResult` with a
+reason, so that one bad candidate (an SCF that does not converge, a NaN, forces of the wrong
+shape, a hung calculation) is recorded and skipped instead of stopping a campaign.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "LabelResult",
     "label_safely",
     "check_labels_finite",
+    "check_label_result",
     "time_limit",
 ]
 
@@ -119,6 +121,75 @@ def check_labels_finite(atoms: Atoms) -> None:
             raise OracleFailure(f"the oracle returned non-finite {name} (NaN or inf)")
 
 
+POSITION_TOLERANCE = 1e-6  # Å: how far a returned structure's positions (and cell) may be from the request's
+
+
+def _raw_label(atoms: Atoms, name: str) -> Any:
+    """A label as the oracle stored it (calculator results first, then info/arrays), unconverted."""
+    results = (getattr(atoms.calc, "results", None) or {}) if atoms.calc is not None else {}
+    if name in results:
+        return results[name]
+    return atoms.arrays.get(name) if name == "forces" else atoms.info.get(name)
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as error:
+        raise OracleFailure(f"the oracle returned {name} that are not numbers ({type(value).__name__}: {error})") \
+            from None
+
+
+def check_label_result(request: Atoms, labelled: Any) -> Atoms:
+    """Validate an oracle's result for ``request`` before anything stores it; return it.
+
+    Raises :class:`OracleFailure` naming the first problem: not an ``ase.Atoms``; a structure
+    other than the one asked about (number of atoms, atomic numbers, positions or cell off by
+    more than 1e-6 Å, pbc); no energy, or an energy that is not one finite number; no forces, or
+    forces not of shape (N, 3) or not finite; a stress (optional) not of shape (3, 3) or Voigt
+    (6,) or not finite. :func:`label_safely` runs it on every attempt, so a bad result is a failed
+    attempt with this reason (retried like an exception).
+    """
+    if not isinstance(labelled, Atoms):
+        raise OracleFailure(f"the oracle returned a {type(labelled).__name__}, not a labelled ase.Atoms copy")
+    n = len(request)
+    if len(labelled) != n:
+        raise OracleFailure(f"the oracle returned a structure of {len(labelled)} atoms for one of {n}")
+    if not np.array_equal(labelled.numbers, request.numbers):
+        raise OracleFailure("the oracle returned a structure with other atomic numbers than the request's")
+    shift = float(np.abs(labelled.positions - request.positions).max()) if n else 0.0
+    if not shift <= POSITION_TOLERANCE:
+        raise OracleFailure(f"the oracle returned a structure whose positions differ from the request's by up to "
+                            f"{shift:.3g} Å (did it wrap, relax or reorder it? label the structure as given)")
+    if not np.allclose(labelled.cell.array, request.cell.array, rtol=0, atol=POSITION_TOLERANCE) or \
+            not np.array_equal(labelled.pbc, request.pbc):
+        raise OracleFailure("the oracle returned a structure with another cell or pbc than the request's")
+    energy = _raw_label(labelled, "energy")
+    if energy is None:
+        raise OracleFailure("the oracle returned no energy")
+    energy = _array("energy", energy)
+    if energy.size != 1:
+        raise OracleFailure(f"the oracle returned an energy of shape {energy.shape}; expected one number")
+    if not np.isfinite(energy).all():
+        raise OracleFailure("the oracle returned non-finite energy (NaN or inf)")
+    forces = _raw_label(labelled, "forces")
+    if forces is None:
+        raise OracleFailure("the oracle returned no forces")
+    forces = _array("forces", forces)
+    if forces.shape != (n, 3):
+        raise OracleFailure(f"the oracle returned forces of shape {forces.shape}; expected ({n}, 3)")
+    if not np.isfinite(forces).all():
+        raise OracleFailure("the oracle returned non-finite forces (NaN or inf)")
+    stress = _raw_label(labelled, "stress")
+    if stress is not None:
+        stress = _array("stress", stress)
+        if stress.shape not in ((6,), (3, 3)):
+            raise OracleFailure(f"the oracle returned a stress of shape {stress.shape}; expected (3, 3) or Voigt (6,)")
+        if not np.isfinite(stress).all():
+            raise OracleFailure("the oracle returned non-finite stress (NaN or inf)")
+    return labelled
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -178,16 +249,17 @@ def _one_attempt(oracle: Oracle, atoms: Atoms, timeout: float | None) -> Atoms:
     else:
         with time_limit(timeout):
             labelled = oracle.label(atoms)
-    check_labels_finite(labelled)
-    return labelled
+    return check_label_result(atoms, labelled)
 
 
 def label_safely(oracle: Oracle, atoms: Atoms, *, key: str = "", timeout: float | None = None,
                  retries: int = 0) -> LabelResult:
     """Label ``atoms`` with up to ``1 + retries`` attempts, each limited to ``timeout`` seconds.
 
-    Any exception (and non-finite labels) becomes a failed :class:`LabelResult` naming the
-    error; a timeout is final (the same calculation would hit it again) and is not retried.
+    Every result is validated by :func:`check_label_result` (finite energy, forces (N, 3), stress
+    (3, 3) or (6,) when present, the structure asked about). Any exception and any invalid result
+    becomes a failed :class:`LabelResult` naming the error; a timeout is final (the same
+    calculation would hit it again) and is not retried.
     ``KeyboardInterrupt``/``SystemExit`` still propagate, so a campaign can be stopped.
     """
     if retries < 0:
