@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-from atomforge import ConfigError, SourceConfig, apply_overrides, read_yaml
+from atomforge import ConfigError, SourceConfig, apply_overrides, config_from_dict, read_yaml
 
 __all__ = ["PluginChoice", "OracleConfig", "BudgetConfig", "StopConfig", "ExecutorConfig",
            "CampaignConfig", "campaign_from_dict", "load_campaign"]
@@ -153,7 +153,26 @@ def _train(value: Any) -> dict[str, Any]:
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"train.processes: expected an integer ≥ 1 (processes of each training job), got {processes!r}")
     _warm_start(train.get("warm_start", False))
+    _check_training_block(train)
     return train
+
+
+def _check_training_block(train: Mapping[str, Any]) -> None:
+    """Validate the `atomforge train` part of ``train`` (types and ranges of model, loss and
+    training options, also with the warm-start overrides) when the campaign is read, not at its
+    first training. Model files named by ``model.init_from`` are read when training starts."""
+    block = {k: v for k, v in train.items() if k not in ("processes", "warm_start")}
+    if isinstance(block.get("model"), Mapping) and block["model"].get("init_from") is not None:
+        block["model"] = {k: v for k, v in block["model"].items() if k != "init_from"}
+    warm = train.get("warm_start")
+    variants = [block]
+    if isinstance(warm, Mapping):
+        variants.append({**block, "training": {**dict(block.get("training") or {}), **dict(warm.get("training") or {})}})
+    for variant in variants:
+        try:
+            config_from_dict({**variant, "data": {"train": "campaign-data.extxyz"}, "tracking": "none"})
+        except ConfigError as error:
+            raise ConfigError(f"train: {error}") from None
 
 
 def _warm_start(value: Any) -> None:
@@ -182,6 +201,8 @@ def _check(config: CampaignConfig) -> CampaignConfig:
                           f"got {config.budget}, {config.stop}")
     if not 0.0 < config.valid_fraction < 1.0:
         raise ConfigError(f"valid_fraction must be in (0, 1); got {config.valid_fraction}")
+    if config.starts_per_iteration < 1:
+        raise ConfigError(f"starts_per_iteration must be ≥ 1; got {config.starts_per_iteration}")
     return config
 
 

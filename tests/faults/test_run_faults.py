@@ -280,3 +280,17 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(cu_fi
     with pytest.raises(TrainingDivergedError, match="training loss became nan at epoch 2, step 1"):
         train(config_from_dict(raw), registry, verbose=False)
     assert has_checkpoint(tmp_path / "run") and read_training_state(tmp_path / "run")["epoch"] == 1
+
+
+def test_a_campaigns_training_block_is_range_checked_when_it_is_read(al_files, tmp_path) -> None:
+    from atomforge.active_learning import campaign_from_dict
+    from conftest import campaign_raw
+
+    raw = campaign_raw(al_files, tmp_path / "c")
+    raw["train"]["warm_start"] = {"training": {"lr": -0.1}}
+    with pytest.raises(ConfigError, match=r"train: training: .*lr > 0; got .*lr=-0.1"):
+        campaign_from_dict(raw)
+    raw = campaign_raw(al_files, tmp_path / "c", starts_per_iteration=0)
+    with pytest.raises(ConfigError, match="starts_per_iteration must be ≥ 1"):
+        campaign_from_dict(raw)
+    assert not (tmp_path / "c").exists()
