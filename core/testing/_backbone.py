@@ -24,7 +24,7 @@ from .. import keys as K
 from .._specs import BackboneSpec
 from ..data.graph import atoms_to_graph, collate
 from ..model.potential import Potential
-from ._common import CheckResult, finish
+from ._common import CheckResult, central_difference_force, finish, random_rotation
 
 __all__ = ["CheckResult", "check_backbone", "make_test_potential", "sample_structures", "predict"]
 
@@ -71,21 +71,9 @@ def _energy(potential: Potential, atoms: Atoms) -> float:
     return float(predict(potential, atoms)[K.ENERGY][0])
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
 def _fd_forces(potential: Potential, atoms: Atoms, h: float) -> np.ndarray:
-    forces = np.zeros((len(atoms), 3))
-    for i in range(len(atoms)):
-        for d in range(3):
-            plus, minus = atoms.copy(), atoms.copy()
-            plus.positions[i, d] += h
-            minus.positions[i, d] -= h
-            forces[i, d] = -(_energy(potential, plus) - _energy(potential, minus)) / (2 * h)
-    return forces
+    return np.array([[central_difference_force(lambda a: _energy(potential, a), atoms, i, d, h) for d in range(3)]
+                     for i in range(len(atoms))])
 
 
 def _strained(atoms: Atoms, eps: np.ndarray) -> Atoms:
@@ -152,7 +140,7 @@ def _checks(potential: Potential, systems: dict[str, Atoms], equivariant: bool, 
         results.append(CheckResult(f"translation ({name})", float(err), tol))
     if equivariant:
         for name, atoms in systems.items():
-            rot = _random_rotation(rng)
+            rot = random_rotation(rng)
             turned = atoms.copy()
             turned.positions = atoms.positions @ rot.T
             if atoms.pbc.any():

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
+from ase import Atoms
 
 from .._errors import ConformanceError
 
-__all__ = ["CheckResult", "check", "finish"]
+__all__ = ["CheckResult", "check", "finish", "random_rotation", "central_difference_force"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,18 @@ def finish(results: Sequence[CheckResult]) -> list[CheckResult]:
         lines = "\n".join(f"  {r.name}: error {r.error:.3g} > tolerance {r.tolerance:.1g}" for r in failed)
         raise ConformanceError(f"{len(failed)} of {len(results)} conformance checks failed:\n{lines}")
     return list(results)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A Haar-random proper rotation matrix [3, 3]."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def central_difference_force(energy: Callable[[Atoms], float], atoms: Atoms, atom: int, axis: int, h: float) -> float:
+    """``-∂E/∂r[atom, axis]`` of ``energy(atoms)`` by a central difference with step ``h`` (Å)."""
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[atom, axis] += h
+    minus.positions[atom, axis] -= h
+    return -(energy(plus) - energy(minus)) / (2 * h)

@@ -33,7 +33,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from .._specs import OracleSpec
 from ..data.structures import get_labels
 from ..exploration.oracle import Oracle
-from ._common import CheckResult, check, finish
+from ._common import CheckResult, central_difference_force, check, finish
 
 __all__ = ["check_oracle", "default_oracle_structures"]
 
@@ -172,10 +172,7 @@ def _label_checks(oracle: Oracle, atoms: Atoms, where: str, rng: np.random.Gener
             worst = 0.0
             for flat in rng.choice(3 * n, size=min(3, 3 * n), replace=False):
                 i, d = divmod(int(flat), 3)
-                plus, minus = atoms.copy(), atoms.copy()
-                plus.positions[i, d] += FD_STEP
-                minus.positions[i, d] -= FD_STEP
-                fd = -(_energy(oracle, plus) - _energy(oracle, minus)) / (2 * FD_STEP)
+                fd = central_difference_force(lambda a: _energy(oracle, a), atoms, i, d, FD_STEP)
                 worst = max(worst, abs(fd - float(forces[i, d])))
             results.append(CheckResult(f"forces = -dE/dr by central differences, |error| in eV/Å ({where})",
                                        worst if math.isfinite(worst) else math.inf, force_tolerance))

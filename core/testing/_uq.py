@@ -50,7 +50,7 @@ from ..data.structures import attach_labels
 from ..model.potential import Potential
 from ..model.uncertainty import UQFitContext, UQHead
 from ._backbone import make_test_potential, sample_structures
-from ._common import CheckResult, check, finish
+from ._common import CheckResult, central_difference_force, check, finish, random_rotation
 from ._models import RadialTestBackbone
 
 __all__ = ["check_uq_head"]
@@ -135,24 +135,11 @@ def _compare(out: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], keys:
     return max(errors)
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
 def _fd_error(head: UQHead, atoms: Atoms, seed: int, h: float = 1e-4) -> float:
     """Relative difference of the mean forces and ``-∂(mean energy)/∂r`` by central differences."""
     forces = _predict(head, [atoms], seed=seed)[K.FORCES]
-    fd = np.zeros((len(atoms), 3))
-    for i in range(len(atoms)):
-        for d in range(3):
-            plus, minus = atoms.copy(), atoms.copy()
-            plus.positions[i, d] += h
-            minus.positions[i, d] -= h
-            e_plus = _predict(head, [plus], seed=seed)[K.ENERGY][0]
-            e_minus = _predict(head, [minus], seed=seed)[K.ENERGY][0]
-            fd[i, d] = -(e_plus - e_minus) / (2 * h)
+    energy = lambda a: float(_predict(head, [a], seed=seed)[K.ENERGY][0])  # noqa: E731
+    fd = np.array([[central_difference_force(energy, atoms, i, d, h) for d in range(3)] for i in range(len(atoms))])
     if forces.shape != fd.shape or not np.isfinite(forces).all():
         return math.inf
     return float(np.abs(fd - forces).max()) / max(1.0, float(np.abs(fd).max()))
@@ -259,7 +246,7 @@ def _symmetry_checks(head: UQHead, systems: Mapping[str, Atoms], seed: int, tol:
         results.append(CheckResult(f"translation invariance of mean energy, forces ({name})",
                                    _compare(out, ref[name], (K.ENERGY, K.FORCES)), tol))
     for name, atoms in systems.items():
-        rot = _random_rotation(rng)
+        rot = random_rotation(rng)
         turned = atoms.copy()
         turned.positions = atoms.positions @ rot.T
         if atoms.pbc.any():
