@@ -24,7 +24,7 @@ from .. import keys as K
 from .._specs import BackboneSpec
 from ..data.graph import atoms_to_graph, collate
 from ..model.potential import Potential
-from ._common import CheckResult, central_difference_force, finish, random_rotation
+from ._common import CheckResult, central_difference_force, finish, random_rotation, translated
 
 __all__ = ["CheckResult", "check_backbone", "make_test_potential", "sample_structures", "predict"]
 
@@ -130,10 +130,7 @@ def _checks(potential: Potential, systems: dict[str, Atoms], equivariant: bool, 
         results.append(CheckResult("finite-strain stress (crystal)", float(err), fd_tol))
     shift = rng.normal(0, 2.0, 3)
     for name, atoms in systems.items():
-        moved = atoms.copy()
-        moved.positions += shift
-        if moved.pbc.all():
-            moved.wrap()
+        moved = translated(atoms, shift)
         out = predict(potential, moved)
         err = max(abs(out[K.ENERGY][0] - ref[name][K.ENERGY][0]) / _scale(ref[name][K.ENERGY]),
                   np.abs(out[K.FORCES] - ref[name][K.FORCES]).max() / _scale(ref[name][K.FORCES]))

@@ -10,7 +10,7 @@ from ase import Atoms
 
 from .._errors import ConformanceError
 
-__all__ = ["CheckResult", "check", "finish", "random_rotation", "central_difference_force"]
+__all__ = ["CheckResult", "check", "finish", "random_rotation", "central_difference_force", "translated"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,12 @@ def central_difference_force(energy: Callable[[Atoms], float], atoms: Atoms, ato
     plus.positions[atom, axis] += h
     minus.positions[atom, axis] -= h
     return -(energy(plus) - energy(minus)) / (2 * h)
+
+
+def translated(atoms: Atoms, shift: np.ndarray) -> Atoms:
+    """A copy of ``atoms`` moved by ``shift`` (Å), wrapped back into a fully periodic cell."""
+    moved = atoms.copy()
+    moved.positions += shift
+    if moved.pbc.all():
+        moved.wrap()
+    return moved

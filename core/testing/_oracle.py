@@ -33,7 +33,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from .._specs import OracleSpec
 from ..data.structures import get_labels
 from ..exploration.oracle import Oracle
-from ._common import CheckResult, central_difference_force, check, finish
+from ._common import CheckResult, central_difference_force, check, finish, translated
 
 __all__ = ["check_oracle", "default_oracle_structures"]
 
@@ -179,10 +179,7 @@ def _label_checks(oracle: Oracle, atoms: Atoms, where: str, rng: np.random.Gener
         except Exception as error:  # noqa: BLE001
             results.append(_failure(f"forces = -dE/dr by central differences ({where})", error))
     try:
-        moved = atoms.copy()
-        moved.positions += rng.normal(0, 1.5, 3)
-        if moved.pbc.all():
-            moved.wrap()
+        moved = translated(atoms, rng.normal(0, 1.5, 3))
         shifted = _energy(oracle, moved)
         error = abs(shifted - labels.energy) / max(1.0, abs(labels.energy))
         results.append(CheckResult(f"translation invariance of the energy ({where})", error, TRANSLATION_TOLERANCE))

@@ -50,7 +50,7 @@ from ..data.structures import attach_labels
 from ..model.potential import Potential
 from ..model.uncertainty import UQFitContext, UQHead
 from ._backbone import make_test_potential, sample_structures
-from ._common import CheckResult, central_difference_force, check, finish, random_rotation
+from ._common import CheckResult, central_difference_force, check, finish, random_rotation, translated
 from ._models import RadialTestBackbone
 
 __all__ = ["check_uq_head"]
@@ -236,10 +236,7 @@ def _symmetry_checks(head: UQHead, systems: Mapping[str, Atoms], seed: int, tol:
     mean_keys = (K.ENERGY,)
     shift = rng.normal(0, 2.0, 3)
     for name, atoms in systems.items():
-        moved = atoms.copy()
-        moved.positions += shift
-        if moved.pbc.all():
-            moved.wrap()
+        moved = translated(atoms, shift)
         out = _predict(head, [moved], seed=seed)
         results.append(CheckResult(f"translation invariance of energy_std, forces_std ({name})",
                                    _compare(out, ref[name], _STD_KEYS), tol))
