@@ -55,7 +55,7 @@ from .data.fields import (
     replicate_batch,
     split_batch,
 )
-from .data.graph import GraphDataset, atoms_to_graph, iterate_batches, neighbor_list
+from .data.graph import DataStatistics, GraphDataset, atoms_to_graph, data_statistics, iterate_batches, neighbor_list
 from .data.structures import (
     Labels,
     Metadata,
@@ -131,7 +131,7 @@ __all__ = [
     "make_registry",
     # data: structures, labels, fields, graphs, batches
     "Labels", "Metadata", "attach_labels", "get_labels", "get_metadata", "validate_structure",
-    "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "atoms_to_graph",
+    "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "DataStatistics", "data_statistics", "atoms_to_graph",
     "collate", "replicate_batch", "split_batch", "label_mask", "mask_key", "iterate_batches", "neighbor_list",
     # models: backbones, the Potential, model files, calculator
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "scatter_sum", "fit_normalization",

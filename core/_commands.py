@@ -1,5 +1,5 @@
 """Core CLI sub-commands, registered through the same ``register_commands`` hook as any plugin:
-``train``, ``evaluate``, ``md``, ``plugins`` and ``demo``."""
+``train``, ``evaluate``, ``md``, ``import-model``, ``plugins`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -249,11 +249,31 @@ def _demo(parser: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def _import_model(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("source", type=Path, help="another package's model file (e.g. a MACE .model)")
+    parser.add_argument("out", type=Path, help="the atomforge model file to write (weights + JSON, no pickled code)")
+    parser.add_argument("--backbone", required=True, help="the backbone plugin that reads it (e.g. mace)")
+
+    def run(args: argparse.Namespace, registry: Registry) -> int:
+        from .model.modelfile import import_model, read_model_file
+
+        path = import_model(args.source, args.backbone, args.out, registry)
+        config, metadata, _ = read_model_file(path)
+        print(json.dumps({"model": str(path), "backbone": config["backbone"], "elements": config["elements"],
+                          "cutoff": config["cutoff"], "dtype": config.get("dtype"),
+                          **{k: v for k, v in metadata.items() if k != "imported_from"}}, indent=2))
+        return 0
+
+    return run
+
+
 @hookimpl
 def register_commands(register) -> None:  # noqa: ANN001
     register(CommandSpec("train", _train, "train a model from a YAML config", help="train from YAML"))
     register(CommandSpec("evaluate", _evaluate, "errors of a model on labelled data", help="evaluate a model"))
     register(CommandSpec("md", _md, "molecular dynamics with a model (ASE)", help="run MD"))
+    register(CommandSpec("import-model", _import_model, "translate another package's model file (MACE) into an "
+                         "atomforge model file", help="import a MACE (or other) model file"))
     register(CommandSpec("plugins", _plugins, "list registered plugins by kind", help="list plugins"))
     register(CommandSpec("demo", _demo, "main job: EMT-labelled Cu → train → evaluate → MD, tracked in MLflow",
                          help="run the end-to-end demo"))

@@ -57,6 +57,11 @@ class ModelFileError(AtomforgeError):
     format, has an invalid config, or needs a missing plugin."""
 
 
+class ForeignModelFileError(ModelFileError):
+    """A readable file that is not an atomforge model file (another package's model, a pickle):
+    a backbone plugin with an ``importer`` may read it."""
+
+
 class ModelOutputError(AtomforgeError, ArithmeticError):
     """Raised when a model returns non-finite (NaN/inf) energies, forces or stress — by the
     calculator (so MD stops), ``evaluate`` and the CLI — never passed on as numbers."""

@@ -57,6 +57,18 @@ class BackboneSpec(_Spec):
     """
 
     equivariant: bool = True
+    #: ``fit_options(options: dict, statistics: atomforge.DataStatistics) -> dict``, optional: called
+    #: once when a model is built for training from scratch, with the backbone's options from the
+    #: config and statistics of the training set; returns the options the backbone is built with
+    #: and that the model file records (e.g. ``avg_num_neighbors: auto`` made a number). Not called
+    #: for ``model.init_from`` (the file's options hold).
+    fit_options: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
+    #: ``importer(path: Path) -> (config, metadata, state_dict)``, optional: reads a model file of
+    #: another package (e.g. a MACE ``.model``) as an atomforge model-file config (backbone,
+    #: options, cutoff, dtype, elements, atomic_energies, scale, shift), metadata (what was and was
+    #: not carried over) and the state dict of the :class:`atomforge.Potential`. Used by
+    #: ``model.init_from`` and ``atomforge import-model``.
+    importer: Callable[[Any], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] | None = None
     kind: PluginKind = PluginKind.BACKBONE
 
 

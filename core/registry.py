@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge._commands",
     "atomforge.plugins.painn",
     "atomforge.plugins.transformer",
+    "atomforge.plugins.mace",
     "atomforge.plugins.losses",
     "atomforge.plugins.physics_losses",
     "atomforge.plugins.data_sources",

@@ -93,6 +93,9 @@ class DeepEnsemble(UQHead):
         self.num_members = _positive_int("num_members", num_members, 2)
         if vectorize not in (True, False, "auto"):
             raise ConfigError(f"deep_ensemble vectorize must be true, false or auto; got {vectorize!r}")
+        if vectorize is True and not potential.backbone.vmap_safe:
+            raise ConfigError(f"deep_ensemble vectorize: true needs a backbone that runs under torch.func.vmap; "
+                              f"{type(potential.backbone).__name__} does not (in-place scatters). Use auto or false")
         self.vectorize = vectorize
         self.others = nn.ModuleList(_reinitialise(potential, 1000 + k) for k in range(1, self.num_members))
 
@@ -108,7 +111,8 @@ class DeepEnsemble(UQHead):
     def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
         direct = self.potential.backbone.direct_forces
         small = int(batch[K.POSITIONS].shape[0]) <= VECTORIZE_MAX_ATOMS
-        if (self.vectorize is True or (self.vectorize == "auto" and small)) and not direct and not self.training:
+        vectorise = self.vectorize is True or (self.vectorize == "auto" and small and self.potential.backbone.vmap_safe)
+        if vectorise and not direct and not self.training:
             members = self._members_vectorised(batch, compute_forces, compute_stress)
         else:
             members = _stack_members([m(batch, compute_forces=compute_forces, compute_stress=compute_stress)

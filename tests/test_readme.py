@@ -16,7 +16,8 @@ def _commands() -> list[str]:
 def test_ci_runs_the_readme_test_command() -> None:
     setup_and_demo, setup_and_test = _commands()[:2]
     assert setup_and_demo.endswith("atomforge demo --out runs/demo")
-    assert setup_and_test.endswith("python -m pytest -q")
+    assert ' ".[test]" && python -m pytest -q && ' in setup_and_test  # the main environment, every test
+    assert setup_and_test.endswith(".venv-mace/bin/python -m pytest -q -m mace")  # the mace backbone's own venv
     assert setup_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
 
 

@@ -53,7 +53,7 @@ def test_builtins_are_loaded_by_module_path_like_entry_points() -> None:
 
 
 def test_unknown_name_lists_valid_ones(registry) -> None:
-    with pytest.raises(UnknownPluginError, match=r"unknown backbone 'painm'.*valid names: painn"):
+    with pytest.raises(UnknownPluginError, match=r"unknown backbone 'painm'.*valid names: mace, painn"):
         registry.get("backbones", "painm")
 
 
@@ -197,3 +197,14 @@ def test_a_misspelled_hook_is_reported_not_ignored() -> None:
     with pytest.warns(PluginLoadWarning, match=r"typo_plugin.*register_backbone"):
         registry = make_registry(make_plugin_manager(entry_points=False, extra=[typo]))
     assert "painn" in registry.names("backbones") and [f.plugin for f in registry.failures] == ["typo_plugin"]
+
+
+def test_the_mace_backbone_without_mace_torch_says_what_to_install(registry) -> None:
+    import importlib.util
+
+    from atomforge import ConfigError
+
+    if importlib.util.find_spec("mace") is not None:
+        pytest.skip("mace-torch is installed here (tests/test_mace.py covers the backbone)")
+    with pytest.raises(ConfigError, match=r"pip install 'atomforge\[mace\]'.*e3nn"):
+        registry.get("backbones", "mace").factory(num_elements=1, cutoff=4.0)

@@ -41,6 +41,10 @@ HERE = Path(__file__).resolve().parent
 
 def config(args: argparse.Namespace) -> dict:
     """The training config; every choice is visible here and echoed into the result JSON."""
+    if args.backbone == "mace":
+        return mace_config(args)
+    if args.backbone != "painn":
+        raise SystemExit(f"--backbone {args.backbone!r}: painn or mace")
     return {
         "data": {"train": str(args.data / "train.extxyz"), "test": str(args.data / "test.extxyz"),
                  "valid_fraction": 0.05},
@@ -51,6 +55,25 @@ def config(args: argparse.Namespace) -> dict:
                      "lr": args.lr, "seed": args.seed, "num_threads": 1, "ema_decay": 0.995,
                      "scheduler": {"name": args.scheduler, "patience": args.patience, "factor": 0.6,
                                    "min_lr": args.min_lr}},
+        "output": str(args.run_dir),
+        "tracking": "none",
+    }
+
+
+def mace_config(args: argparse.Namespace) -> dict:
+    """MACE inside atomforge with ``mace_run_train``'s settings (run_mace_cli.sh): float64, 64x0e,
+    max_ell 3, correlation 3, lr 0.01 AMSGrad, weight decay 5e-7, batch 10, energy 1 / forces 100
+    (per-atom energy MSE, force-component MSE: MACE's weighted loss), ReduceLROnPlateau 0.8 / 50,
+    clip 10, EMA 0.99, 5 % validation."""
+    return {
+        "data": {"train": str(args.data / "train.extxyz"), "test": str(args.data / "test.extxyz"),
+                 "valid_fraction": 0.05},
+        "model": {"backbone": "mace", "cutoff": args.cutoff, "dtype": args.dtype, "num_channels": args.hidden,
+                  "max_L": 0, "max_ell": 3, "correlation": 3, "num_interactions": 2},
+        "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": 100.0}],
+        "training": {"max_epochs": 100_000, "max_time": args.budget_seconds, "batch_size": 10, "valid_batch_size": 10,
+                     "lr": 0.01, "weight_decay": 5e-7, "grad_clip": 10.0, "seed": args.seed, "num_threads": 1,
+                     "ema_decay": 0.99, "scheduler": {"name": "plateau", "patience": 50, "factor": 0.8}},
         "output": str(args.run_dir),
         "tracking": "none",
     }
@@ -78,6 +101,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--time-only", type=Path, default=None, metavar="MODEL")
     p.add_argument("--n-calls-small", type=int, default=300)
     p.add_argument("--n-calls-large", type=int, default=15)
+    p.add_argument("--backbone", default="painn", help="painn (the settings below) or mace (mace_run_train's)")
+    p.add_argument("--dtype", default="float64", help="mace only (mace_run_train's default: float64)")
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
@@ -110,7 +135,7 @@ def main() -> None:
     steps_time = history[-1]["elapsed"]
     model = atomforge.load_model(outcome.model_path)
     result = {
-        "model": f"atomforge-painn-{args.hidden}x{args.layers}",
+        "model": f"atomforge-{args.backbone}-{args.hidden}" + (f"x{args.layers}" if args.backbone == "painn" else "x0e"),
         "config": cfg,
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": steps_time,

@@ -7,6 +7,7 @@ batched is declared once in the field table (:mod:`atomforge.data.fields`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ __all__ = [
     "atoms_to_graph",
     "collate",
     "GraphDataset",
+    "DataStatistics",
+    "data_statistics",
     "iterate_batches",
 ]
 
@@ -121,6 +124,29 @@ class GraphDataset:
     def numbers(self) -> np.ndarray:
         """All atomic numbers occurring in the data set, sorted."""
         return np.unique(np.concatenate([a.numbers for a in self.structures]))
+
+
+@dataclass(frozen=True)
+class DataStatistics:
+    """Statistics of a training set that a backbone may fit options to (``BackboneSpec.fit_options``).
+
+    ``elements``: the atomic numbers present, sorted (the model's element order);
+    ``avg_num_neighbors``: mean number of neighbours within the cutoff per atom (edges / atoms);
+    ``num_structures`` and ``num_atoms``: sizes.
+    """
+
+    elements: tuple[int, ...]
+    avg_num_neighbors: float
+    num_structures: int
+    num_atoms: int
+
+
+def data_statistics(dataset: GraphDataset) -> DataStatistics:
+    """:class:`DataStatistics` of ``dataset`` (its graphs are already built: no new neighbour lists)."""
+    atoms = sum(int(g[K.NUMBERS].shape[0]) for g in dataset.graphs)
+    edges = sum(int(g[K.EDGE_INDEX].shape[1]) for g in dataset.graphs)
+    return DataStatistics(elements=tuple(int(z) for z in dataset.numbers()), avg_num_neighbors=edges / max(atoms, 1),
+                          num_structures=len(dataset), num_atoms=atoms)
 
 
 def iterate_batches(

@@ -21,7 +21,7 @@ import torch
 from .._errors import ConfigError, DataValidationError
 from .._specs import PluginKind
 from ..registry import Registry
-from .modelfile import read_model_file
+from .modelfile import read_or_import_model_file
 
 __all__ = ["InitialModel", "read_initial_model", "merge_model_config", "MODEL_KEYS"]
 
@@ -32,7 +32,9 @@ _NOT_HEAD = ("potential.", "calibration.")  # state-dict prefixes of a UQ head t
 def merge_model_config(given: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """The ``model`` block with ``init_from``: keys not given come from the file; a given key that
     differs from the file's is an error (the weights would not fit it)."""
-    config, _, _ = read_model_file(path, mmap=True)  # the weights are read later, by read_initial_model
+    # the weights are read later, by read_initial_model; a foreign file (a MACE .model) is read by the
+    # importer of the backbone the block names
+    config, _, _ = read_or_import_model_file(path, given.get("backbone"), mmap=True)
     options = {k: v for k, v in given.items() if k not in (*MODEL_KEYS, "init_from")}
     merged: dict[str, Any] = {"init_from": str(path)}
     mismatches = []
@@ -110,10 +112,10 @@ def _load_strict(potential: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     potential.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()})
 
 
-def read_initial_model(path: Path | str, registry: Registry) -> InitialModel:
+def read_initial_model(path: Path | str, registry: Registry, backbone: str | None = None) -> InitialModel:
     """Read ``path`` for ``model.init_from`` (errors name the file and what to do)."""
     path = Path(path)
-    config, _, state = read_model_file(path)
+    config, _, state = read_or_import_model_file(path, backbone, registry)
     if config["backbone"] not in registry.names(PluginKind.BACKBONE):
         raise ConfigError(f"model.init_from {path}: backbone {config['backbone']!r} is not installed here")
     uq = config.pop("uq", None) or {}

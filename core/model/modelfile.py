@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._errors import ModelFileError, PluginError
+from .._errors import ForeignModelFileError, ModelFileError, PluginError
 from .._io import atomic_save
 from .._specs import PluginKind
 from ..registry import Registry, make_registry
@@ -23,6 +23,7 @@ from .potential import Potential
 
 __all__ = [
     "FORMAT", "VERSION", "content_hash", "check_model_config", "build_model", "build_potential", "save_model", "load_model", "read_model_file",
+    "read_or_import_model_file", "import_model",
 ]
 
 FORMAT = "atomforge-model"
@@ -142,11 +143,11 @@ def read_model_file(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise ModelFileError(
-            f"{path} is not a readable atomforge model file ({type(error).__name__}: {error})"
+        raise ForeignModelFileError(
+            f"{path} is not a readable atomforge model file ({type(error).__name__}: {str(error)[:300]})"
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not an atomforge model file (no '{FORMAT}' header)")
+        raise ForeignModelFileError(f"{path} is not an atomforge model file (no '{FORMAT}' header)")
     if int(payload.get("version", 0)) > VERSION:
         raise ModelFileError(
             f"{path} has format version {payload['version']}; this atomforge reads ≤ {VERSION}. Upgrade."
@@ -165,6 +166,44 @@ def read_model_file(
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: its embedded config is not valid JSON ({error}); the file is damaged") from error
     return check_model_config(config, path), metadata if isinstance(metadata, dict) else {}, state
+
+
+def read_or_import_model_file(
+    path: Path | str, backbone: str | None, registry: Registry | None = None, *, mmap: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """:func:`read_model_file`, or — for a file of another package (a MACE ``.model``) when
+    ``backbone`` names a backbone plugin with an ``importer`` — that importer's translation:
+    (config, metadata, state dict of the Potential). Any other failure is the usual
+    :class:`ModelFileError`."""
+    try:
+        return read_model_file(path, mmap=mmap)
+    except ForeignModelFileError as error:
+        if backbone is None:
+            raise ModelFileError(f"{error}. To start from another package's model file, name its backbone in the "
+                                 "model block (e.g. backbone: mace) so that its importer can read it") from error
+        registry = registry or make_registry()
+        if backbone not in registry.names(PluginKind.BACKBONE):
+            raise
+        provided = registry.provided(PluginKind.BACKBONE, backbone)
+        if provided.spec.importer is None:
+            raise ModelFileError(f"{error}; backbone {backbone!r} (from {provided.distribution}) cannot import "
+                                 "other packages' model files") from error
+        config, metadata, state = provided.spec.importer(Path(path))
+        config = check_model_config(dict(config), Path(path))
+        config.setdefault("provider", provided.distribution)
+        return config, dict(metadata), dict(state)
+
+
+def import_model(path: Path | str, backbone: str, out: Path | str, registry: Registry | None = None) -> Path:
+    """Translate another package's model file into an atomforge model file ``out`` (weights only)."""
+    config, metadata, state = read_or_import_model_file(path, backbone, registry)
+    registry = registry or make_registry()
+    potential = build_potential(config, registry)
+    try:
+        potential.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: the imported weights do not fit backbone {backbone!r} ({str(error)[:300]})") from error
+    return save_model(potential, out, config=config, metadata={**metadata, "imported_from": str(path)})
 
 
 def load_model(

@@ -42,6 +42,9 @@ class Backbone(nn.Module):
     """
 
     direct_forces: bool = False
+    #: whether ``forward`` runs under ``torch.func.vmap`` (no in-place writes into tensors created
+    #: inside it from batched inputs); the deep ensemble's vectorised evaluation needs it
+    vmap_safe: bool = True
 
     def __init__(self, *, num_elements: int, cutoff: float) -> None:
         super().__init__()

@@ -21,14 +21,14 @@ import yaml
 from ase import Atoms
 
 from .. import distributed as dist, keys as K
-from .._errors import ConfigError, DataValidationError
+from .._errors import ConfigError, DataValidationError, PluginError
 from .._io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from .._specs import PluginKind
 from ..analysis.calibration import calibrate
 from ..analysis.evaluate import evaluate, evaluate_uncertainty
 from ..analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
 from ..config import CONFIG_SECTIONS, RunConfig, SourceConfig
-from ..data.graph import GraphDataset
+from ..data.graph import GraphDataset, data_statistics
 from ..data.structures import get_labels
 from ..devices import resolve_device
 from ..model.finetune import InitialModel, read_initial_model
@@ -176,12 +176,22 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
         energies = np.array([lab.energy for lab in labels])
         forces = [lab.forces for lab in labels] if all(lab.forces is not None for lab in labels) else None
     atomic, scale, shift = fit_normalization([a.numbers for a in train.structures], energies, forces, elements)
+    provided = registry.provided(PluginKind.BACKBONE, config.model.backbone)
+    options = dict(config.model.options)
+    if provided.spec.fit_options is not None:  # e.g. MACE's avg_num_neighbors: auto → a number
+        try:
+            options = dict(provided.spec.fit_options(options, data_statistics(train)))
+        except (ConfigError, DataValidationError):
+            raise
+        except Exception as error:  # noqa: BLE001 - a plugin's failure, named
+            raise PluginError(f"backbone {config.model.backbone!r} (from {provided.distribution}) failed to fit its "
+                              f"options to the training data: {type(error).__name__}: {error}") from error
     return {
         "backbone": config.model.backbone,
-        "provider": registry.provided(PluginKind.BACKBONE, config.model.backbone).distribution,
+        "provider": provided.distribution,
         "cutoff": config.model.cutoff,
         "dtype": config.model.dtype,
-        "options": dict(config.model.options),
+        "options": options,
         "elements": elements,
         "atomic_energies": [float(e) for e in atomic],
         "scale": scale,
@@ -408,7 +418,7 @@ def _initial_model(config: RunConfig, registry: Registry, train_set: GraphDatase
     """The model file of ``model.init_from``, checked against the training data's elements."""
     if config.model.init_from is None:
         return None
-    initial = read_initial_model(config.model.init_from, registry)
+    initial = read_initial_model(config.model.init_from, registry, config.model.backbone)
     initial.check_elements(train_set.numbers().tolist())
     return initial
 
