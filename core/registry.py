@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge.plugins.painn",
     "atomforge.plugins.transformer",
     "atomforge.plugins.mace",
+    "atomforge.plugins.tensornet",
     "atomforge.plugins.losses",
     "atomforge.plugins.physics_losses",
     "atomforge.plugins.data_sources",

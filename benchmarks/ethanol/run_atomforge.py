@@ -43,14 +43,16 @@ def config(args: argparse.Namespace) -> dict:
     """The training config; every choice is visible here and echoed into the result JSON."""
     if args.backbone == "mace":
         return mace_config(args)
-    if args.backbone != "painn":
-        raise SystemExit(f"--backbone {args.backbone!r}: painn or mace")
+    if args.backbone not in ("painn", "tensornet"):
+        raise SystemExit(f"--backbone {args.backbone!r}: painn, tensornet or mace")
+    model = {"backbone": args.backbone, "cutoff": args.cutoff, "hidden_channels": args.hidden,
+             "num_layers": args.layers, "num_rbf": args.num_rbf, **json.loads(args.model_options)}
     return {
         "data": {"train": str(args.data / "train.extxyz"), "test": str(args.data / "test.extxyz"),
                  "valid_fraction": 0.05},
-        "model": {"backbone": "painn", "cutoff": args.cutoff, "hidden_channels": args.hidden,
-                  "num_layers": args.layers, "num_rbf": 20},
-        "loss": [{"name": "energy", "weight": 1.0}, {"name": "forces", "weight": args.forces_weight}],
+        "model": model,
+        "loss": [{"name": "energy", "weight": 1.0, **loss_kind(args)},
+                 {"name": "forces", "weight": args.forces_weight, **loss_kind(args)}],
         "training": {"max_epochs": 100_000, "max_time": args.budget_seconds, "batch_size": args.batch_size,
                      "lr": args.lr, "seed": args.seed, "num_threads": 1, "ema_decay": 0.995,
                      "scheduler": {"name": args.scheduler, "patience": args.patience, "factor": 0.6,
@@ -58,6 +60,10 @@ def config(args: argparse.Namespace) -> dict:
         "output": str(args.run_dir),
         "tracking": "none",
     }
+
+
+def loss_kind(args: argparse.Namespace) -> dict:
+    return {} if args.loss_kind == "mse" else {"kind": args.loss_kind, "delta": args.huber_delta}
 
 
 def mace_config(args: argparse.Namespace) -> dict:
@@ -104,6 +110,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backbone", default="painn", help="painn (the settings below) or mace (mace_run_train's)")
     p.add_argument("--dtype", default="float64", help="mace only (mace_run_train's default: float64)")
     p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--num-rbf", type=int, default=20)
+    p.add_argument("--model-options", default="{}", help="more model options, JSON")
+    p.add_argument("--loss-kind", default="mse", help="mse | huber (energy and forces)")
+    p.add_argument("--huber-delta", type=float, default=0.01)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -135,7 +145,7 @@ def main() -> None:
     steps_time = history[-1]["elapsed"]
     model = atomforge.load_model(outcome.model_path)
     result = {
-        "model": f"atomforge-{args.backbone}-{args.hidden}" + (f"x{args.layers}" if args.backbone == "painn" else "x0e"),
+        "model": f"atomforge-{args.backbone}-{args.hidden}" + (f"x{args.layers}" if args.backbone != "mace" else "x0e"),
         "config": cfg,
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": steps_time,
