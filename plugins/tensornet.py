@@ -185,7 +185,7 @@ class TensorNet(Backbone):
 
     Args:
         num_elements, cutoff: set by atomforge.
-        hidden_channels: channels F of the tensor features (default 64).
+        hidden_channels: channels F of the tensor features (default 48: docs/benchmarks.md, issue 16).
         num_layers: interaction blocks (default 2).
         num_rbf: Bessel radial functions (default 16).
         radial_hidden: width of a hidden layer between the radial basis and the per-layer radial
@@ -193,7 +193,7 @@ class TensorNet(Backbone):
         activation: ``silu`` (default) or ``tanh``.
     """
 
-    def __init__(self, *, num_elements: int, cutoff: float, hidden_channels: int = 64, num_layers: int = 2,
+    def __init__(self, *, num_elements: int, cutoff: float, hidden_channels: int = 48, num_layers: int = 2,
                  num_rbf: int = 16, radial_hidden: int = 0, activation: str = "silu") -> None:
         super().__init__(num_elements=num_elements, cutoff=cutoff)
         activations = {"silu": nn.SiLU, "tanh": nn.Tanh}

@@ -27,4 +27,4 @@ def test_readme_config_example_loads(tmp_path) -> None:
     block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     (tmp_path / "config.yaml").write_text(block)
     config = load_config(tmp_path / "config.yaml")
-    assert config.model.backbone == "painn" and config.training.max_time == 900
+    assert config.model.backbone == "tensornet" and config.training.max_time == 900

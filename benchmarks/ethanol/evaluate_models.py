@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--calls-small", type=int, default=60)
     p.add_argument("--calls-large", type=int, default=3)
     p.add_argument("--no-errors", action="store_true", help="timing only")
+    p.add_argument("--no-timing", action="store_true", help="errors only")
     args = p.parse_args()
     torch.set_num_threads(1)
     models = dict(item.split("=", 1) for item in args.models)
@@ -85,6 +86,10 @@ def main() -> None:
         for name, calc in calcs.items():
             result[name] = {key: errors(calc, frames) for key, frames in sets.items()}
             print(name, json.dumps(result[name]), flush=True)
+    if args.no_timing:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        return
     small, large = read(args.data / "test.extxyz", 0), read(args.data / "ethanol_999.extxyz")
     times: dict = {name: {"9": [], "999": []} for name in calcs}
     for round_ in range(args.rounds):
