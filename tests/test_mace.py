@@ -276,3 +276,37 @@ def test_deepspeed_zero3_trains_a_mace_model_like_one_process(tmp_path, registry
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-3)
     assert load_model(tmp_path / "zero3" / "model.pt") is not None
+
+
+def test_a_campaign_starts_from_a_mace_file_and_warm_starts(mace_file, tmp_path, registry) -> None:
+    """Active learning from a foundation MACE: the first model fine-tunes the MACE file, the next
+    iterations warm-start from the previous one."""
+    from ase.calculators.emt import EMT
+
+    from atomforge import attach_labels
+    from atomforge.active_learning import campaign_from_dict, run_campaign
+
+    def labelled(seed: int) -> Atoms:  # EMT labels H, C and O crudely: enough to drive the loop
+        atoms = _ethanol(seed)
+        atoms.calc = EMT()
+        return attach_labels(Atoms(atoms.numbers, atoms.positions), energy=atoms.get_potential_energy(),
+                             forces=atoms.get_forces())
+
+    write(tmp_path / "initial.extxyz", [labelled(s) for s in range(8)])
+    write(tmp_path / "test.extxyz", [labelled(s) for s in range(20, 23)])
+    raw = {"initial_data": str(tmp_path / "initial.extxyz"), "test": str(tmp_path / "test.extxyz"),
+           "oracle": {"name": "emt", "timeout": 30, "retries": 1},
+           "train": {"model": {"backbone": "mace", "init_from": str(mace_file)}, "warm_start": True,
+                     "uq": {"name": "deep_ensemble", "num_members": 2},
+                     "training": {"max_epochs": 1, "batch_size": 4, "lr": 0.001}},
+           "explorers": [{"name": "perturb", "n_per_start": 3, "rattle_std": 0.05}],
+           "selector": {"name": "trust_window", "lo": 0.0, "hi": 1000.0},
+           "budget": {"per_iteration": 2, "total": 4}, "stop": {"max_iterations": 2},
+           "starts_per_iteration": 2, "executor": {"kind": "serial"}, "tracking": "none",
+           "output": str(tmp_path / "campaign")}
+    result = run_campaign(campaign_from_dict(raw), registry, verbose=False)
+    assert result.stopped_because.startswith("max_iterations") and result.labels == 4
+    for iteration in ("000", "001"):
+        config, _, _ = read_model_file(result.directory / "iterations" / iteration / "train" / "model.pt")
+        assert config["backbone"] == "mace" and config["elements"] == [1, 6, 8]
+        assert config["options"]["hidden_irreps"] == "8x0e+8x1o"  # the MACE file's architecture throughout
