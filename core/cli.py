@@ -21,6 +21,7 @@ def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str,
     )
     parser.add_argument("--strict-plugins", action="store_true",
                         help="fail on a broken plugin instead of warning")
+    parser.add_argument("--version", action="store_true", help="print the versions of atomforge, torch and Python")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     runners: dict[str, object] = {}
     for provided in registry.entries(PluginKind.COMMAND):
@@ -29,6 +30,17 @@ def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str,
                                         description=spec.description)
         runners[spec.name] = spec.factory(command_parser)
     return parser, runners
+
+
+def version_line() -> str:
+    """``atomforge X (torch Y, Python Z)``: what ``atomforge --version`` prints."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    return f"atomforge {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def _strip_launcher_rank(argv: list[str]) -> list[str]:
@@ -55,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     argv = _strip_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     global_options = argv[: next((k for k, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    if "--version" in global_options:  # before the plugins are loaded: instant, and works with a broken plugin
+        print(version_line())
+        return 0
     try:
         registry = make_registry(strict="--strict-plugins" in global_options)
         parser, runners = build_parser(registry)

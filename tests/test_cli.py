@@ -76,3 +76,12 @@ def test_bad_input_gives_a_message_not_a_traceback(cu_files, tmp_path) -> None:
     assert "unknown backbone 'paiNN'; valid names: mace, painn" in done.stderr
     done = atomforge("evaluate", str(tmp_path / "nope.pt"), str(cu_files["test"]))
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_version_prints_the_versions(capsys) -> None:
+    import atomforge
+    from atomforge.cli import main
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"atomforge {atomforge.__version__} (torch ") and "Python 3." in out
