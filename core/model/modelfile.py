@@ -196,8 +196,8 @@ def read_or_import_model_file(
 
 def import_model(path: Path | str, backbone: str, out: Path | str, registry: Registry | None = None) -> Path:
     """Translate another package's model file into an atomforge model file ``out`` (weights only)."""
-    config, metadata, state = read_or_import_model_file(path, backbone, registry)
     registry = registry or make_registry()
+    config, metadata, state = read_or_import_model_file(path, backbone, registry)
     potential = build_potential(config, registry)
     try:
         potential.load_state_dict(state)
