@@ -66,11 +66,6 @@ class _Radial(nn.Module):
         return basis * env.unsqueeze(-1), env
 
 
-#: which of the three parts (0: scalar I, 1: antisymmetric A, 2: symmetric traceless S) each of
-#: the 9 packed components belongs to
-_PART = (0, 1, 1, 1, 2, 2, 2, 2, 2)
-
-
 def _basis() -> torch.Tensor:
     """[9, 9]: column c is the c-th orthonormal (Frobenius) basis tensor of 3×3 matrices,
     flattened — 1/√3; the three generators [e_k]_×/√2; five symmetric traceless tensors. Packed
@@ -139,7 +134,7 @@ class _Embedding(nn.Module):
         self.scalar = nn.Sequential(nn.Linear(features, 2 * features), act(), nn.Linear(2 * features, 3 * features), act())
 
     def forward(self, element: torch.Tensor, centre: torch.Tensor, neighbour: torch.Tensor, rbf: torch.Tensor,
-                envelope: torch.Tensor, unit: torch.Tensor, part: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+                envelope: torch.Tensor, unit: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         f = self.features
         z = self.element(element)
         pair = self.pair(torch.cat([z[centre], z[neighbour]], dim=-1)) * envelope.unsqueeze(-1)  # [E, F], 0 at rc
@@ -156,14 +151,13 @@ class _Embedding(nn.Module):
 
 
 class _Interaction(nn.Module):
-    def __init__(self, features: int, act: type[nn.Module]) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
-        self.features = features
         self.first = _PartLinear(features)
         self.second = _PartLinear(features)
 
     def forward(self, x: torch.Tensor, centre: torch.Tensor, neighbour: torch.Tensor, weights: torch.Tensor,
-                part: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+                basis: torch.Tensor) -> torch.Tensor:
         x = x / (_norm2(x) + 1.0).unsqueeze(1)
         y = self.first(x)
         # messages Σ_j φ_I(r) I_j + φ_A(r) A_j + φ_S(r) S_j from neighbours j onto centres i
@@ -214,8 +208,7 @@ class TensorNet(Backbone):
                                          nn.Linear(radial_hidden, max(num_layers, 1) * 3 * hidden_channels))
         else:
             self.filters = nn.Linear(num_rbf, max(num_layers, 1) * 3 * hidden_channels)
-        self.layers = nn.ModuleList(_Interaction(hidden_channels, act) for _ in range(num_layers))
-        self.register_buffer("part", torch.tensor(_PART), persistent=False)
+        self.layers = nn.ModuleList(_Interaction(hidden_channels) for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(3 * hidden_channels)
         self.out = nn.Sequential(nn.Linear(3 * hidden_channels, hidden_channels), act())
         self.readout = nn.Sequential(nn.Linear(hidden_channels, hidden_channels // 2 or 1), act(),
@@ -228,11 +221,11 @@ class TensorNet(Backbone):
         basis, envelope = self.radial(lengths)
         element = batch[K.ELEMENT_INDEX]
         basis_tensors = _BASIS.to(device=lengths.device, dtype=lengths.dtype)  # exact in float64, not a buffer
-        x = self.embedding(element, centre, neighbour, basis, envelope, unit, self.part, basis_tensors)
+        x = self.embedding(element, centre, neighbour, basis, envelope, unit, basis_tensors)
         f = self.features
         filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * f, dim=-1)
         for layer, weights in zip(self.layers, filters):
-            x = layer(x, centre, neighbour, weights.view(-1, 3, f), self.part, basis_tensors)
+            x = layer(x, centre, neighbour, weights.view(-1, 3, f), basis_tensors)
         invariants = torch.cat([x[:, 0] ** 2, (x[:, 1:4] ** 2).sum(1), (x[:, 4:9] ** 2).sum(1)], dim=-1)
         features = self.out(self.out_norm(invariants))
         return {K.NODE_ENERGY: self.readout(features).squeeze(-1), K.NODE_FEATURES: features}
