@@ -18,6 +18,7 @@ from ._errors import (
     DataValidationError,
     DuplicatePluginError,
     ModelFileError,
+    StoreError,
     ModelOutputError,
     PluginError,
     TrainingDivergedError,
@@ -56,6 +57,8 @@ from .data.fields import (
     split_batch,
 )
 from .data.graph import DataStatistics, GraphDataset, atoms_to_graph, data_statistics, iterate_batches, neighbor_list
+from .data.store import StoreWriter, StructureStore
+from .data.streaming import MixedDataset, StoreDataset, StoreStructures, dataset_sizes, size_batches
 from .data.structures import (
     Labels,
     Metadata,
@@ -122,7 +125,7 @@ __all__ = [
     "keys", "distributed",
     # errors
     "AtomforgeError", "ConfigError", "ConformanceError", "DataValidationError",
-    "DuplicatePluginError", "ModelFileError", "ModelOutputError", "PluginError", "TrainingDivergedError",
+    "DuplicatePluginError", "StoreError", "ModelFileError", "ModelOutputError", "PluginError", "TrainingDivergedError",
     "UnknownPluginError", "UnseenElementError",
     # the plugin system: markers, spec records, registry
     "hookimpl", "hookspec", "PluginKind", "BackboneSpec", "CommandSpec", "DataSourceSpec",
@@ -133,6 +136,8 @@ __all__ = [
     "Labels", "Metadata", "attach_labels", "get_labels", "get_metadata", "validate_structure",
     "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "DataStatistics", "data_statistics", "atoms_to_graph",
     "collate", "replicate_batch", "split_batch", "label_mask", "mask_key", "iterate_batches", "neighbor_list",
+    # data: the structure store and streaming
+    "StructureStore", "StoreWriter", "StoreStructures", "StoreDataset", "MixedDataset", "size_batches", "dataset_sizes",
     # models: backbones, the Potential, model files, calculator
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "scatter_sum", "fit_normalization",
     "build_potential", "load_model", "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",

@@ -52,6 +52,11 @@ class DuplicatePluginError(PluginError):
     """Raised when two plugins register the same name for the same kind; names both providers."""
 
 
+class StoreError(AtomforgeError):
+    """Raised when a structure store (``atomforge data pack``) cannot be read or written: not a
+    store, truncated or corrupted, written by a newer format version, another writer holds it."""
+
+
 class ModelFileError(AtomforgeError):
     """Raised when a model file is unreadable, corrupted (content hash mismatch), of an unknown
     format, has an invalid config, or needs a missing plugin."""

@@ -44,6 +44,15 @@ class SourceConfig:
 
     source: str = "ase"  # registry name of the data-source plugin
     options: dict[str, Any] = field(default_factory=dict)  # passed to the plugin
+    ratio: float | None = None  # share of each epoch drawn from this source (data.train as a list: mixing)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How streaming data sets (``source: store``) are read during training."""
+
+    workers: int = 0  # worker processes reading structures and building neighbour lists (0: the training process)
+    prefetch: int = 4  # batches each worker keeps ready
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class DataConfig:
     valid: SourceConfig | None = None  # validation structures; else split off ``train``
     valid_fraction: float = 0.1  # fraction of ``train`` held out when ``valid`` is absent
     test: SourceConfig | None = None  # optional test structures, evaluated after training
+    mix: tuple[SourceConfig, ...] = ()  # more training sources (data.train given as a list), drawn by their ratios
+    epoch_size: int | None = None  # structures per epoch when mixing; default: all sources' sizes summed
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming reader settings
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,8 @@ class TrainingConfig:
     num_threads: int | None = None  # torch intra-op threads; null keeps torch's default
     device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
+    batch_atoms: int | None = None  # size-aware batches: at most this many atoms per step (batch_size caps structures)
+    checkpoint_steps: int | None = None  # also checkpoint every N steps inside an epoch (resume mid-epoch)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -157,6 +171,13 @@ class RunConfig:
         out = _plain(self)
         out.pop("base_dir")
         out.update(out.pop("engine_blocks"))
+        data = out["data"]
+        mix = data.pop("mix")
+        for source in (data["train"], *mix, data.get("valid"), data.get("test")):
+            if source is not None and source.get("ratio") is None:
+                source.pop("ratio", None)
+        if mix:
+            data["train"] = [data["train"], *mix]
         return out
 
 
@@ -225,10 +246,35 @@ def _source(value: Any, base_dir: Path, where: str) -> SourceConfig | None:
         value = {"source": "ase", "path": str(value)}
     options = _mapping(value, where)
     name = str(options.pop("source", "ase"))
+    ratio = options.pop("ratio", None)
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0):
+        raise ConfigError(f"{where}.ratio: expected a number ≥ 0 (a share of each epoch); got {ratio!r}")
     for key in ("path", "paths"):
         if key in options:
             options[key] = _resolve_path(options[key], base_dir)
-    return SourceConfig(name, options)
+    return SourceConfig(name, options, None if ratio is None else float(ratio))
+
+
+def _train_sources(value: Any, base_dir: Path) -> tuple[SourceConfig, ...]:
+    """``data.train``: one source, or a list of sources with mixing ratios."""
+    if not isinstance(value, (list, tuple)):
+        return (_source(value, base_dir, "data.train"),)  # type: ignore[return-value]
+    if not value:
+        raise ConfigError("data.train: an empty list; give a source or a list of sources with ratios")
+    sources = tuple(_source(v, base_dir, f"data.train[{k}]") for k, v in enumerate(value))
+    if len(sources) > 1 and any(s.ratio is None for s in sources):  # type: ignore[union-attr]
+        raise ConfigError("data.train lists several sources: give each a ratio (its share of every epoch), "
+                          "e.g. [{source: store, path: a.lmdb, ratio: 0.8}, {source: store, path: b.lmdb, ratio: 0.2}]")
+    return sources  # type: ignore[return-value]
+
+
+def _loader(value: Any) -> LoaderConfig:
+    data = _mapping(value, "data.loader")
+    _check_keys(data, _fields_of(LoaderConfig), "data.loader")
+    loader = LoaderConfig(**_coerce(data, LoaderConfig, "data.loader"))
+    if loader.workers < 0 or loader.prefetch < 1:
+        raise ConfigError(f"data.loader: workers must be ≥ 0 and prefetch ≥ 1; got {loader.workers}, {loader.prefetch}")
+    return loader
 
 
 def _fields_of(cls: type) -> list[str]:
@@ -292,6 +338,9 @@ def _training(data: Mapping[str, Any]) -> TrainingConfig:
                           f"got {config.engine!r}")
     if sched.name == "cosine_time" and not config.max_time:
         raise ConfigError("training.scheduler cosine_time decays the LR over training.max_time; set max_time")
+    for key in ("batch_atoms", "checkpoint_steps"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"training.{key}: expected a whole number ≥ 1 or null; got {getattr(config, key)!r}")
     if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:
         raise ConfigError(
             "training: batch_size must be ≥ 1, max_epochs ≥ 0 and lr > 0; "
@@ -409,14 +458,21 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         raise ConfigError(f"config: unknown key(s) {not_blocks}; valid keys: {sorted(_TOP)}, plus options blocks "
                           "named like an engine (e.g. `deepspeed:` for training.engine: deepspeed)")
     data = _mapping(raw.get("data"), "data")
-    _check_keys(data, ("train", "valid", "valid_fraction", "test"), "data")
+    _check_keys(data, ("train", "valid", "valid_fraction", "test", "epoch_size", "loader"), "data")
     if "train" not in data:
         raise ConfigError("data.train is required: a file path or {source: NAME, ...}")
+    train_sources = _train_sources(data["train"], base_dir)
+    epoch_size = data.get("epoch_size")
+    if epoch_size is not None and (isinstance(epoch_size, bool) or not isinstance(epoch_size, int) or epoch_size < 1):
+        raise ConfigError(f"data.epoch_size: expected a whole number ≥ 1; got {epoch_size!r}")
     data_config = DataConfig(
-        train=_source(data["train"], base_dir, "data.train"),  # type: ignore[arg-type]
+        train=train_sources[0],
         valid=_source(data.get("valid"), base_dir, "data.valid"),
         valid_fraction=float(data.get("valid_fraction", 0.1)),
         test=_source(data.get("test"), base_dir, "data.test"),
+        mix=train_sources[1:],
+        epoch_size=epoch_size,
+        loader=_loader(data.get("loader")),
     )
     if not 0.0 < data_config.valid_fraction < 1.0 and data_config.valid is None:
         raise ConfigError(f"data.valid_fraction must be in (0, 1); got {data_config.valid_fraction}")

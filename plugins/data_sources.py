@@ -1,5 +1,6 @@
-"""Built-in data sources: ``ase`` (anything ``ase.io.read`` reads) and ``pymatgen``
-(CIF, POSCAR/CONTCAR, vasprun.xml with energies/forces/stress, Structure JSON)."""
+"""Built-in data sources: ``ase`` (anything ``ase.io.read`` reads), ``pymatgen`` (CIF,
+POSCAR/CONTCAR, vasprun.xml with energies/forces/stress, Structure JSON) and ``store`` (a
+structure store written by ``atomforge data pack``, streamed during training)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
-from atomforge import ConfigError, DataSourceSpec, DataValidationError, attach_labels, hookimpl
+from atomforge import (ConfigError, DataSourceSpec, DataValidationError, StoreStructures, StructureStore, attach_labels,
+                       hookimpl)
 
 
 def _paths(options: dict[str, Any], base_dir: Path) -> list[Path]:
@@ -128,7 +130,41 @@ def read_pymatgen(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
     return structures
 
 
+def _index_option(value: Any, count: int) -> np.ndarray:
+    """``indices``: a list of integers or a ``"start:stop[:step]"`` slice of the store."""
+    if isinstance(value, str):
+        try:
+            parts = [int(p) if p.strip() else None for p in value.split(":")]
+            return np.arange(count, dtype=np.int64)[slice(*parts)]
+        except (TypeError, ValueError):
+            raise ConfigError(f"store data source: indices {value!r} is not a slice like '0:1000'") from None
+    indices = np.asarray(value, dtype=np.int64)
+    if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= count)):
+        raise ConfigError(f"store data source: indices must be a list of 0 ≤ i < {count} (the store's size)")
+    return indices
+
+
+def read_store(options: dict[str, Any], base_dir: Path) -> Any:
+    """Options: ``path`` (a store written by ``atomforge data pack``), ``split`` (a named split,
+    e.g. ``train``) or ``indices`` (a list or ``"start:stop"``). Training streams the structures
+    (read and turned into graphs when a batch needs them); nothing is loaded up front."""
+    options = dict(options)
+    paths = _paths(options, base_dir)
+    split, indices = options.pop("split", None), options.pop("indices", None)
+    if options:
+        raise ConfigError(f"store data source: unknown option(s) {sorted(options)}; valid: path, split, indices")
+    if len(paths) != 1:
+        raise ConfigError("store data source: give one store as 'path' (mix several with data.train as a list)")
+    if split is not None and indices is not None:
+        raise ConfigError("store data source: give 'split' or 'indices', not both")
+    store = StructureStore(paths[0])
+    chosen = store.split(str(split)) if split is not None else (
+        None if indices is None else _index_option(indices, len(store)))
+    return StoreStructures(store, chosen)
+
+
 @hookimpl
 def register_data_sources(register) -> None:  # noqa: ANN001
     register(DataSourceSpec("ase", read_ase, "any file ase.io.read reads (extxyz, ASE db, ...)"))
     register(DataSourceSpec("pymatgen", read_pymatgen, "CIF, POSCAR, vasprun.xml (with labels), Structure JSON"))
+    register(DataSourceSpec("store", read_store, "a structure store (atomforge data pack), streamed; split, indices"))

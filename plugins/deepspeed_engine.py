@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from atomforge import (
@@ -46,8 +47,10 @@ from atomforge import (
     TrainSettings,
     autocast_context,
     cast_outputs,
+    dataset_sizes,
     hookimpl,
     resolve_device,
+    size_batches,
     swapped_weights,
 )
 from atomforge import distributed as dist
@@ -68,6 +71,7 @@ class DeepSpeedOptions:
     balance: bool = True  # balance per-rank atoms + edges in each step (else round-robin)
     balance_window: int = 8  # global batches regrouped together when one step is unbalanced
     backend: str = "auto"  # gloo | nccl | auto (nccl with CUDA, else gloo)
+    shard_data: bool = False  # each rank reads only its own shard of the training set (positions ≡ rank mod N)
     config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
 
 
@@ -90,6 +94,7 @@ def parse_options(options: Mapping[str, Any] | None) -> DeepSpeedOptions:
         (isinstance(out.gradient_accumulation_steps, int) and out.gradient_accumulation_steps >= 1,
          f"deepspeed.gradient_accumulation_steps: expected an integer ≥ 1, got {out.gradient_accumulation_steps!r}"),
         (isinstance(out.balance, bool), f"deepspeed.balance: expected true or false, got {out.balance!r}"),
+        (isinstance(out.shard_data, bool), f"deepspeed.shard_data: expected true or false, got {out.shard_data!r}"),
         (isinstance(out.balance_window, int) and out.balance_window >= 1,
          f"deepspeed.balance_window: expected an integer ≥ 1, got {out.balance_window!r}"),
         (out.backend in ("auto", "gloo", "nccl"), f"deepspeed.backend: expected auto, gloo or nccl, got {out.backend!r}"),
@@ -144,6 +149,18 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 def graph_cost(graph: Mapping[str, torch.Tensor]) -> float:
     """Work of one structure in a step, proportional to atoms + edges."""
     return float(graph[K.POSITIONS].shape[0] + graph[K.EDGE_INDEX].shape[1])
+
+
+def dataset_costs(dataset: Any) -> np.ndarray:
+    """Every structure's work: atoms + edges from the graphs in memory; for a streaming dataset
+    (graphs not built yet) atoms × (1 + mean neighbours of a sample of 64 structures)."""
+    if not getattr(dataset, "streaming", False):
+        return np.asarray([graph_cost(g) for g in dataset.graphs])
+    sizes = dataset_sizes(dataset).astype(float)
+    sample = np.linspace(0, len(dataset) - 1, min(64, len(dataset))).astype(np.int64)
+    graphs = [dataset.graphs[int(k)] for k in sample]
+    neighbours = sum(g[K.EDGE_INDEX].shape[1] for g in graphs) / max(sum(g[K.POSITIONS].shape[0] for g in graphs), 1)
+    return sizes * (1.0 + neighbours)
 
 
 def shard_batch(indices: Sequence[int], costs: Sequence[float], world_size: int, *,
@@ -243,7 +260,7 @@ class DeepSpeedBackend:
         self._model: torch.nn.Module | None = None
         self._template: torch.nn.Module | None = None
         self._params: list[torch.nn.Parameter] = []
-        self._costs: list[float] | None = None
+        self._costs: Sequence[float] | None = None
 
     # -- model ------------------------------------------------------------------------------------
     @property
@@ -303,17 +320,46 @@ class DeepSpeedBackend:
 
     # -- steps ------------------------------------------------------------------------------------
     def plan(self, order: Sequence[int], dataset: GraphDataset) -> Iterator[Step]:
-        """For each global batch: this rank's micro-batches and the step's load imbalance."""
+        """For each global batch: this rank's micro-batches and the step's load imbalance.
+        ``training.batch_atoms`` cuts global batches by atoms; ``shard_data`` gives each rank its
+        own shard (see :meth:`_sharded_plan`)."""
         if self._costs is None or len(self._costs) != len(dataset):
-            self._costs = [graph_cost(g) for g in dataset.graphs]
+            self._costs = dataset_costs(dataset)
         accum = self.options.gradient_accumulation_steps
-        for shards in plan_epoch(order, self._costs, self.settings.batch_size, self.world_size * accum,
-                                 balance=self.options.balance, window=self.options.balance_window):
+        if self.options.shard_data and self.world_size > 1:
+            yield from self._sharded_plan(order, dataset, accum)
+            return
+        slots = self.world_size * accum
+        if self.settings.batch_atoms:
+            batches = size_batches(order, dataset_sizes(dataset), max_atoms=self.settings.batch_atoms,
+                                   max_structures=self.settings.batch_size)
+            plans = [shard_batch(_padded(list(b), order, slots), self._costs, slots, balance=self.options.balance)
+                     for b in batches]
+        else:
+            plans = plan_epoch(order, self._costs, self.settings.batch_size, slots,
+                               balance=self.options.balance, window=self.options.balance_window)
+        for shards in plans:
             # ranks × accumulation slots: slot r + world·a is rank r's a-th micro-batch
-            mine = [shards[self.rank + self.world_size * a] for a in range(accum)]
-            loads = [sum(sum(self._costs[i] for i in shards[r + self.world_size * a]) for a in range(accum))
-                     for r in range(self.world_size)]
-            yield Step(mine, {"load_imbalance": max(loads) / (sum(loads) / len(loads))})
+            yield self._step([[shards[r + self.world_size * a] for a in range(accum)] for r in range(self.world_size)])
+
+    def _step(self, per_rank: Sequence[Sequence[Sequence[int]]]) -> Step:
+        loads = [sum(self._costs[int(i)] for micro in batches for i in micro) for batches in per_rank]
+        return Step(per_rank[self.rank], {"load_imbalance": max(loads) / max(sum(loads) / len(loads), 1e-12)})
+
+    def _sharded_plan(self, order: Sequence[int], dataset: GraphDataset, accum: int) -> Iterator[Step]:
+        """Rank r trains on positions ≡ r (mod ranks) only, in the epoch's order, cut into
+        micro-batches of ``batch_size / (ranks × accumulation)`` structures (or that share of
+        ``batch_atoms``); every rank computes every rank's cuts from the sizes alone (no data
+        read), and the epoch has as many steps as the rank with the fewest can fill."""
+        order = np.asarray(order, dtype=np.int64)
+        slots = self.world_size * accum
+        sizes = dataset_sizes(dataset) if self.settings.batch_atoms else np.zeros(0, np.int64)
+        atoms = None if not self.settings.batch_atoms else max(1, self.settings.batch_atoms // slots)
+        per_rank = [size_batches(order[order % self.world_size == r], sizes, max_atoms=atoms,
+                                 max_structures=max(1, self.settings.batch_size // slots))
+                    for r in range(self.world_size)]
+        for s in range(min(len(b) for b in per_rank) // accum):
+            yield self._step([b[s * accum : (s + 1) * accum] for b in per_rank])
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()} if self.device.type != "cpu" else batch

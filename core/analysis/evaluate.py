@@ -19,9 +19,10 @@ __all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_datase
 
 def as_dataset(model: torch.nn.Module, structures: Sequence[Atoms] | GraphDataset,
                fields: FieldTable | None = None) -> GraphDataset:
-    """``structures`` as graphs with the model's cutoff and dtype (a dataset is passed through)."""
-    if isinstance(structures, GraphDataset):
-        return structures
+    """``structures`` as graphs with the model's cutoff and dtype (a dataset — in memory or
+    streamed from a store — is passed through)."""
+    if isinstance(structures, GraphDataset) or hasattr(structures, "graphs"):
+        return structures  # type: ignore[return-value]
     return GraphDataset(list(structures), model.cutoff, dtype=model_dtype(model), fields=fields)
 
 

@@ -64,7 +64,7 @@ def rotate_batch(batch: dict[str, torch.Tensor], rotations: torch.Tensor) -> dic
     """A new batch with structure b rotated by ``rotations[b]`` ([B, 3, 3], acting on column
     vectors): positions, cell rows and forces ``x → R x``, stress ``σ → R σ Rᵀ``. Energies,
     edges and integer shifts are unchanged (the neighbour list maps onto itself)."""
-    rot = rotations.to(batch[K.POSITIONS].dtype)
+    rot = rotations.to(device=batch[K.POSITIONS].device, dtype=batch[K.POSITIONS].dtype)
     per_atom = rot[batch[K.BATCH]]
     out = dict(batch)
     out[K.POSITIONS] = torch.einsum("nij,nj->ni", per_atom, batch[K.POSITIONS])
@@ -315,7 +315,7 @@ def physics_metrics(model: torch.nn.Module, structures: Sequence[Atoms], setting
     the NVE run starts from the first structure. Keys are prefixed ``physics_``."""
     if not structures:
         raise ConfigError("physics metrics need at least one structure")
-    subset = list(structures)[: settings.structures]
+    subset = list(structures[: settings.structures])
     dataset = _dataset(model, subset)
     say = progress or (lambda message: None)
     say(f"physics: rotation error ({settings.rotations} rotations x {len(subset)} structures)")

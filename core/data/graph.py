@@ -125,6 +125,14 @@ class GraphDataset:
         """All atomic numbers occurring in the data set, sorted."""
         return np.unique(np.concatenate([a.numbers for a in self.structures]))
 
+    def sizes(self) -> np.ndarray:
+        """Atoms per structure (size-aware batching)."""
+        return np.asarray([len(a) for a in self.structures], dtype=np.int64)
+
+    def batches(self, plan: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Collated batches of ``plan`` (lists of indices), in order (the graphs are in memory)."""
+        return (collate([self.graphs[int(i)] for i in chosen], self.fields) for chosen in plan)
+
 
 @dataclass(frozen=True)
 class DataStatistics:
@@ -141,12 +149,22 @@ class DataStatistics:
     num_atoms: int
 
 
-def data_statistics(dataset: GraphDataset) -> DataStatistics:
-    """:class:`DataStatistics` of ``dataset`` (its graphs are already built: no new neighbour lists)."""
-    atoms = sum(int(g[K.NUMBERS].shape[0]) for g in dataset.graphs)
-    edges = sum(int(g[K.EDGE_INDEX].shape[1]) for g in dataset.graphs)
-    return DataStatistics(elements=tuple(int(z) for z in dataset.numbers()), avg_num_neighbors=edges / max(atoms, 1),
-                          num_structures=len(dataset), num_atoms=atoms)
+def data_statistics(dataset: GraphDataset, *, sample: int = 2000) -> DataStatistics:
+    """:class:`DataStatistics` of ``dataset``. In memory its graphs are already built (exact, no
+    new neighbour lists); a streamed dataset estimates ``avg_num_neighbors`` from ``sample``
+    structures spread evenly over it (their neighbour lists built now)."""
+    elements = tuple(int(z) for z in dataset.numbers())
+    if isinstance(dataset, GraphDataset):
+        atoms = sum(int(g[K.NUMBERS].shape[0]) for g in dataset.graphs)
+        edges = sum(int(g[K.EDGE_INDEX].shape[1]) for g in dataset.graphs)
+        return DataStatistics(elements=elements, avg_num_neighbors=edges / max(atoms, 1),
+                              num_structures=len(dataset), num_atoms=atoms)
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(sample, len(dataset))).astype(np.int64))
+    graphs = [dataset.graphs[int(k)] for k in chosen]
+    atoms = sum(int(g[K.NUMBERS].shape[0]) for g in graphs)
+    edges = sum(int(g[K.EDGE_INDEX].shape[1]) for g in graphs)
+    return DataStatistics(elements=elements, avg_num_neighbors=edges / max(atoms, 1), num_structures=len(dataset),
+                          num_atoms=int(np.sum(dataset.sizes())))
 
 
 def iterate_batches(

@@ -26,6 +26,7 @@ from torch import nn
 from .._errors import ConfigError
 from .._io import atomic_save
 from ..data.graph import GraphDataset
+from ..data.streaming import epoch_batches
 from ..devices import PRECISIONS, autocast_context, cast_outputs, resolve_device
 
 __all__ = ["Step", "TrainingBackend", "TorchBackend", "swapped_weights"]
@@ -142,18 +143,19 @@ class TorchBackend:
     gradients (each micro-batch's loss divided by their number) before one update.
 
     ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (``training.device``);
-    ``precision``: ``fp32`` | ``bf16`` (``training.precision``); ``batch_size`` and
-    ``grad_clip`` as in :class:`atomforge.TrainSettings`.
+    ``precision``: ``fp32`` | ``bf16`` (``training.precision``); ``batch_size``,
+    ``batch_atoms`` and ``grad_clip`` as in :class:`atomforge.TrainSettings`.
     """
 
     rank = 0
     world_size = 1
 
     def __init__(self, *, batch_size: int, grad_clip: float | None = 10.0, device: str | torch.device = "auto",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", batch_atoms: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"training.precision: expected one of {PRECISIONS}; got {precision!r}")
         self.batch_size = int(batch_size)
+        self.batch_atoms = None if batch_atoms is None else int(batch_atoms)
         self.grad_clip = grad_clip
         self.device = resolve_device(device)
         self.precision = precision
@@ -164,7 +166,7 @@ class TorchBackend:
     def from_settings(cls, settings: Any, **extra: Any) -> "TorchBackend":
         """A backend configured by a :class:`atomforge.TrainSettings` (plus ``extra`` keywords)."""
         return cls(batch_size=settings.batch_size, grad_clip=settings.grad_clip, device=settings.device,
-                   precision=settings.precision, **extra)
+                   precision=settings.precision, batch_atoms=getattr(settings, "batch_atoms", None), **extra)
 
     @property
     def model(self) -> nn.Module:
@@ -182,8 +184,9 @@ class TorchBackend:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def plan(self, order: Sequence[int], dataset: GraphDataset) -> Iterator[Step]:
-        for start in range(0, len(order), self.batch_size):
-            yield Step([list(order[start : start + self.batch_size])])
+        """One micro-batch per step: ``batch_size`` structures, or as many as fit ``batch_atoms``."""
+        for chosen in epoch_batches(dataset, order, batch_size=self.batch_size, batch_atoms=self.batch_atoms):
+            yield Step([chosen])
 
     def to_device(self, batch: Batch) -> Batch:
         if self.device.type == "cpu":

@@ -28,8 +28,9 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,6 +83,8 @@ class TrainSettings:
     compute_stress: bool = False  # whether the loss needs stress
     device: str = "auto"  # auto | cpu | cuda | cuda:N (backends that place the model themselves)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
+    batch_atoms: int | None = None  # atoms per optimiser step (all processes); batch_size then caps structures
+    checkpoint_steps: int | None = None  # also checkpoint every this many steps inside an epoch (resumes mid-epoch)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[EpochRecord] = []
         self.extra_state: dict[str, Any] = {}  # callbacks may keep resumable state here
+        self._partial: dict[str, Any] | None = None  # progress inside the epoch a checkpoint was taken in
 
     @property
     def model(self) -> nn.Module:
@@ -194,34 +198,48 @@ class Trainer:
         loss, _ = self.loss(batch, outputs, self.backend.model)
         return loss
 
-    def _batches(self, dataset: GraphDataset, indices: Sequence[Sequence[int]],
-                 generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
-        """Collated, moved and augmented micro-batches of one step (data moved once each)."""
-        out = []
-        for chosen in indices:
-            batch = self.backend.to_device(collate([dataset.graphs[i] for i in chosen], dataset.fields))
-            out.append(self.loss.augment(batch, generator))  # data augmentation, training only
-        return out
+    def _prepared(self, batches: Iterator[dict[str, torch.Tensor]], count: int,
+                  generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        """The next ``count`` micro-batches of ``batches``, moved and augmented (training only)."""
+        return [self.loss.augment(self.backend.to_device(next(batches)), generator) for _ in range(count)]
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.settings.max_time
         return limit is not None and self.elapsed + (time.perf_counter() - started) >= limit
 
+    def epoch_order(self, train: Any) -> Sequence[int]:
+        """Epoch :attr:`epoch`'s order of ``train`` (the same on every process): a shuffled
+        permutation, or the dataset's own draw (``epoch_order``: mixing ratios)."""
+        seed = epoch_seed(self.settings.seed, self.epoch)
+        if hasattr(train, "epoch_order"):
+            return train.epoch_order(np.random.default_rng(seed))
+        if getattr(train, "streaming", False):  # no Python list per structure
+            return torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).numpy()
+        return torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+
     def train_epoch(self, train: GraphDataset, started: float | None = None) -> tuple[float, int, bool, dict[str, float]]:
         """One pass over ``train`` (epoch :attr:`epoch`'s order): the mean training loss, the
         steps taken, whether ``max_time`` cut it short (counting from ``started``, default now)
-        and the backend's step metrics averaged. :meth:`fit` calls it; benchmarks may too."""
+        and the backend's step metrics averaged. A run resumed from a mid-epoch checkpoint
+        continues after its last step, with the same order and augmentation. :meth:`fit` calls
+        it; benchmarks may too."""
         started = time.perf_counter() if started is None else started
         self.backend.train_mode(True)
-        seed = epoch_seed(self.settings.seed, self.epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        steps_plan = list(self.backend.plan(self.epoch_order(train), train))
         augment = torch.Generator().manual_seed(augment_seed(self.settings.seed, self.epoch, self.backend.rank))
-        total, count, steps, timed_out = 0.0, 0, 0, False
-        measured: dict[str, list[float]] = {}
-        for step in self.backend.plan(order, train):
+        partial = self._partial or {}
+        self._partial = None
+        if partial.get("augment") is not None:
+            augment.set_state(partial["augment"])
+        total, count, steps = float(partial.get("total", 0.0)), int(partial.get("count", 0)), int(partial.get("steps", 0))
+        measured: dict[str, list[float]] = {k: list(v) for k, v in partial.get("measured", {}).items()}
+        remaining = steps_plan[steps:]
+        batches = _batches_of(train, [chosen for step in remaining for chosen in step.batches])
+        timed_out = False
+        for step in remaining:
             for name, value in step.metrics.items():
                 measured.setdefault(name, []).append(float(value))
-            loss_sum, micro = self.backend.step(self._batches(train, step.batches, augment), self._loss_of)
+            loss_sum, micro = self.backend.step(self._prepared(batches, len(step.batches), augment), self._loss_of)
             if not math.isfinite(loss_sum):
                 raise TrainingDivergedError(
                     f"the training loss became {loss_sum} at epoch {self.epoch + 1}, step {steps + 1}; the weights "
@@ -235,8 +253,21 @@ class Trainer:
             if self.settings.max_time is not None and self.backend.any(self._out_of_time(started)):
                 timed_out = True
                 break
+            every = self.settings.checkpoint_steps
+            if every and steps % every == 0 and steps < len(steps_plan):
+                self._save_partial(started, {"steps": steps, "total": total, "count": count, "measured": measured,
+                                             "augment": augment.get_state()})
         metrics = {name: sum(values) / len(values) for name, values in measured.items()}
         return self.backend.all_reduce_mean(total / max(count, 1)), steps, timed_out, metrics
+
+    def _save_partial(self, started: float, partial: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint: the loop's state with this epoch's progress (collective)."""
+        elapsed = self.elapsed
+        self.elapsed = elapsed + time.perf_counter() - started
+        try:
+            self.save_checkpoint(partial=partial)
+        finally:
+            self.elapsed = elapsed
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, valid: GraphDataset) -> tuple[float, dict[str, float]]:
@@ -249,9 +280,8 @@ class Trainer:
         self.backend.train_mode(False)
         ema = self.ema.tensors if self.ema else None
         with swapped_weights(self.backend.local_tensors(), ema), self.backend.evaluation():
-            for start in range(0, len(mine), size):
-                chosen = mine[start : start + size]
-                batch = self.backend.to_device(collate([valid.graphs[i] for i in chosen], valid.fields))
+            for batch in _batches_of(valid, [mine[start : start + size] for start in range(0, len(mine), size)]):
+                batch = self.backend.to_device(batch)
                 outputs = self.backend.predict(batch, compute_forces=True, compute_stress=self.settings.compute_stress)
                 loss, _ = self.loss(batch, outputs, self.backend.model)
                 n = int(batch[K.N_ATOMS].shape[0])
@@ -337,7 +367,7 @@ class Trainer:
             "best_valid_loss": self.best_valid_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "history": [asdict(r) for r in self.history],
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "extra": self.extra_state, "world_size": self.backend.world_size,
+            "extra": self.extra_state, "world_size": self.backend.world_size, "partial": None,
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -345,18 +375,22 @@ class Trainer:
         return {"ema": self.ema.state_dict() if self.ema else None, "best": self.best,
                 "rng": torch.get_rng_state(), "world_size": self.backend.world_size}
 
-    def save_checkpoint(self) -> None:
-        """Write this epoch's folder (every process its part), then ``latest`` (collective)."""
+    def save_checkpoint(self, partial: dict[str, Any] | None = None) -> None:
+        """Write this epoch's folder (every process its part), then ``latest`` (collective).
+        ``partial``: progress inside the running epoch (a mid-epoch checkpoint, folder
+        ``epoch<N>-step<S>``; each process's own progress goes into its rank file)."""
         if self.checkpoint_dir is None:
             return
         main = self.backend.rank == 0
-        folder = self.checkpoint_dir / f"epoch{self.epoch}"
+        name = f"epoch{self.epoch}" + (f"-step{partial['steps']}" if partial else "")
+        folder = self.checkpoint_dir / name
         if main and folder.exists():  # left half-written by a killed run
             shutil.rmtree(folder)
         self.backend.barrier()
-        atomic_save(self.rank_state(), folder / f"rank{self.backend.rank}.pt")
+        atomic_save({**self.rank_state(), "partial": partial}, folder / f"rank{self.backend.rank}.pt")
         if main:
-            atomic_save(self.state(), folder / TRAINER_FILE)
+            atomic_save({**self.state(), "partial": {"steps": partial["steps"]} if partial else None},
+                        folder / TRAINER_FILE)
         self.backend.save_state(folder)
         self.backend.barrier()
         if main:
@@ -391,11 +425,27 @@ class Trainer:
             self.ema.load_state_dict(rank_state["ema"])
         self.best = rank_state["best"]
         torch.set_rng_state(rank_state["rng"])
+        self._partial = rank_state.get("partial")
+
+
+def _folder_position(name: str) -> tuple[int, int] | None:
+    """(completed epochs, steps into the next one) of a checkpoint folder name, or None."""
+    epoch, _, step = name[5:].partition("-step")
+    if not name.startswith("epoch") or not epoch.isdigit() or (step and not step.isdigit()):
+        return None
+    return int(epoch), int(step or 0)
 
 
 def _epoch_folders(directory: Path) -> list[Path]:
-    folders = [p for p in directory.glob("epoch*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name[5:]))
+    folders = [p for p in directory.glob("epoch*") if p.is_dir() and _folder_position(p.name) is not None]
+    return sorted(folders, key=lambda p: _folder_position(p.name))
+
+
+def _batches_of(dataset: Any, plan: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
+    """The collated batches of ``plan`` (the dataset's own reader if it has one: streaming)."""
+    if hasattr(dataset, "batches"):
+        return iter(dataset.batches(plan))
+    return iter(collate([dataset.graphs[int(i)] for i in chosen], dataset.fields) for chosen in plan)
 
 
 def latest_checkpoint(directory: Path | None) -> Path | None:

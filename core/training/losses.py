@@ -38,6 +38,12 @@ class LossTerm(Protocol):
     ``requires`` names the labels it needs ('energy', 'forces', 'stress'; checked on the data
     before training), ``outputs`` the model outputs it needs ('forces', 'stress').
     ``term(batch, outputs, model)`` returns a scalar tensor.
+
+    Optional: a truthy class attribute ``accepts_unlabelled`` declares that the term learns from
+    structures without labels (``denoising``); with such a term in the loss, training data need
+    not carry every label of :attr:`CompositeLoss.requires` (see
+    :attr:`CompositeLoss.required_of_every_structure`), and the label terms score only the
+    structures that carry their label (the label masks, :func:`label_weights`).
     """
 
     requires: tuple[str, ...]
@@ -78,6 +84,15 @@ class CompositeLoss:
     def requires(self) -> tuple[str, ...]:
         """All labels any term needs."""
         return tuple(sorted({label for t in self.terms for label in t.term.requires}))
+
+    @property
+    def required_of_every_structure(self) -> tuple[str, ...]:
+        """The labels every training structure must carry: :attr:`requires`, or none when a term
+        accepts unlabelled structures (``accepts_unlabelled``; the other terms then skip the
+        structures that lack their label)."""
+        if any(getattr(t.term, "accepts_unlabelled", False) for t in self.terms):
+            return ()
+        return self.requires
 
     @property
     def outputs(self) -> tuple[str, ...]:

@@ -29,6 +29,8 @@ from ..analysis.evaluate import evaluate, evaluate_uncertainty
 from ..analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
 from ..config import CONFIG_SECTIONS, RunConfig, SourceConfig
 from ..data.graph import GraphDataset, data_statistics
+from ..data.streaming import (MixedDataset, StoreDataset, StoreStructures, add_sums, normalization_from_sums,
+                              normalization_sums)
 from ..data.structures import get_labels
 from ..devices import resolve_device
 from ..model.finetune import InitialModel, read_initial_model
@@ -62,11 +64,14 @@ class TrainOutcome:
     epochs: int
 
 
-def load_source(registry: Registry, source: SourceConfig, base_dir: Path) -> list[Atoms]:
-    """Read structures through a data-source plugin."""
+def load_source(registry: Registry, source: SourceConfig, base_dir: Path) -> Sequence[Atoms]:
+    """Read structures through a data-source plugin (a store's are a lazy
+    :class:`~atomforge.data.streaming.StoreStructures`: nothing is read yet)."""
     spec = registry.get(PluginKind.DATA_SOURCE, source.source)
-    structures = list(spec.factory(dict(source.options), base_dir))
-    if not structures:
+    structures = spec.factory(dict(source.options), base_dir)
+    if not isinstance(structures, StoreStructures):
+        structures = list(structures)
+    if len(structures) == 0:
         raise DataValidationError(f"data source {source.source!r} {source.options} gave no structures")
     return structures
 
@@ -123,7 +128,7 @@ def check_config(registry: Registry, config: RunConfig) -> None:
             registry.get(PluginKind.DATA_SOURCE, source.source)
 
 
-def _split(structures: list[Atoms], fraction: float, seed: int) -> tuple[list[Atoms], list[Atoms]]:
+def _split(structures: Sequence[Atoms], fraction: float, seed: int) -> tuple[Sequence[Atoms], Sequence[Atoms]]:
     n_valid = max(1, int(round(fraction * len(structures))))
     if n_valid >= len(structures):
         raise DataValidationError(
@@ -131,26 +136,42 @@ def _split(structures: list[Atoms], fraction: float, seed: int) -> tuple[list[At
             "give data.valid or more training data"
         )
     order = np.random.default_rng(seed).permutation(len(structures))
+    if isinstance(structures, StoreStructures):  # the same split and order as in memory; nothing read
+        return structures.take(order[n_valid:]), structures.take(order[:n_valid])
     return [structures[i] for i in order[n_valid:]], [structures[i] for i in order[:n_valid]]
 
 
-def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> dict[str, GraphDataset]:
-    base = config.base_dir
-    train = load_source(registry, config.data.train, base)
-    if config.data.valid is not None:
-        valid = load_source(registry, config.data.valid, base)
-    else:
-        train, valid = _split(train, config.data.valid_fraction, config.training.seed)
-    dtype = getattr(torch, config.model.dtype)
-    cutoff = config.model.cutoff
-    fields = registry.fields
+def _as_dataset(config: RunConfig, registry: Registry, structures: Sequence[Atoms], require: Sequence[str],
+                source: str) -> Any:
+    """Graphs of ``structures``: built now in memory, or streamed from a store."""
+    dtype, cutoff, fields = getattr(torch, config.model.dtype), config.model.cutoff, registry.fields
+    if isinstance(structures, StoreStructures):
+        loader = config.data.loader
+        return StoreDataset(structures.store, cutoff, dtype=dtype, require=require, source=source, fields=fields,
+                            indices=structures.indices, workers=loader.workers, prefetch=loader.prefetch)
+    return GraphDataset(list(structures), cutoff, dtype=dtype, require=require, source=source, fields=fields)
+
+
+def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> dict[str, Any]:
+    base, data = config.base_dir, config.data
+    sources = (data.train, *data.mix)
+    names = ["data.train"] if not data.mix else [f"data.train[{k}]" for k in range(len(sources))]
+    trains, valids = [], []
+    for name, source in zip(names, sources):
+        structures = load_source(registry, source, base)
+        if data.valid is None:
+            structures, held_out = _split(structures, data.valid_fraction, config.training.seed)
+            valids.append(_as_dataset(config, registry, held_out, require, f"{name} (validation part)"))
+        trains.append(_as_dataset(config, registry, structures, require, name))
+    if data.valid is not None:
+        valids = [_as_dataset(config, registry, load_source(registry, data.valid, base), require, "data.valid")]
     sets = {
-        "train": GraphDataset(train, cutoff, dtype=dtype, require=require, source="data.train", fields=fields),
-        "valid": GraphDataset(valid, cutoff, dtype=dtype, require=require, source="data.valid", fields=fields),
+        "train": trains[0] if not data.mix else MixedDataset(trains, [s.ratio or 0.0 for s in sources],
+                                                             epoch_size=data.epoch_size),
+        "valid": valids[0] if len(valids) == 1 else MixedDataset(valids, [len(v) for v in valids], source="data.valid"),
     }
-    if config.data.test is not None:
-        test = load_source(registry, config.data.test, base)
-        sets["test"] = GraphDataset(test, cutoff, dtype=dtype, source="data.test", fields=fields)
+    if data.test is not None:
+        sets["test"] = _as_dataset(config, registry, load_source(registry, data.test, base), (), "data.test")
     _check_elements(sets)
     return sets
 
@@ -168,14 +189,22 @@ def _check_elements(sets: dict[str, GraphDataset]) -> None:
 
 def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> dict[str, Any]:
     """The model-file config: backbone, options and the normalisation fitted on ``train``."""
-    elements = train.numbers().tolist()
-    labels = [get_labels(a) for a in train.structures]
-    if any(lab.energy is None for lab in labels):
-        energies, forces = np.zeros(len(labels)), None
-    else:
-        energies = np.array([lab.energy for lab in labels])
-        forces = [lab.forces for lab in labels] if all(lab.forces is not None for lab in labels) else None
-    atomic, scale, shift = fit_normalization([a.numbers for a in train.structures], energies, forces, elements)
+    elements = [int(z) for z in train.numbers()]
+    if isinstance(train, GraphDataset):
+        # fitted on the structures that carry energies (unlabelled ones, e.g. for denoising, are skipped)
+        labelled = [(a.numbers, lab) for a, lab in ((a, get_labels(a)) for a in train.structures)
+                    if lab.energy is not None]
+        if not labelled:
+            atomic, scale, shift = np.zeros(len(elements)), 1.0, 0.0
+        else:
+            forces = [lab.forces for _, lab in labelled]
+            atomic, scale, shift = fit_normalization(
+                [zs for zs, _ in labelled], np.array([lab.energy for _, lab in labelled]),
+                forces if all(f is not None for f in forces) else None, elements)
+    else:  # streamed: one pass, each process over its shard, sums added (no process reads everything)
+        mine = np.arange(dist.rank(), len(train), dist.world_size())
+        atomic, scale, shift = normalization_from_sums(add_sums(dist.all_gather_objects(
+            normalization_sums(train, elements, mine))))
     provided = registry.provided(PluginKind.BACKBONE, config.model.backbone)
     options = dict(config.model.options)
     if provided.spec.fit_options is not None:  # e.g. MACE's avg_num_neighbors: auto → a number
@@ -332,7 +361,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     main = dist.is_main()
     verbose = verbose and main
     run_dir = _on_main(lambda: _prepare_run_dir(config, resume)) or config.output
-    sets = _datasets(config, registry, loss.requires)
+    sets = _datasets(config, registry, getattr(loss, "required_of_every_structure", loss.requires))
     torch.manual_seed(config.training.seed)
     initial = _initial_model(config, registry, sets["train"])
     spec = model_spec(config, registry, sets["train"]) if initial is None else dict(initial.spec)
@@ -384,7 +413,7 @@ def train_settings(config: RunConfig, loss: CompositeLoss) -> TrainSettings:
         max_epochs=t.max_epochs, max_time=t.max_time, batch_size=t.batch_size,
         valid_batch_size=t.valid_batch_size, seed=t.seed, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, patience=t.patience, compute_stress=K.STRESS in loss.outputs,
-        device=t.device, precision=t.precision,
+        device=t.device, precision=t.precision, batch_atoms=t.batch_atoms, checkpoint_steps=t.checkpoint_steps,
     )
 
 
