@@ -211,6 +211,33 @@ def _lmdb() -> Any:
 _ENVS: dict[str, tuple[int, Any, bool]] = {}  # real path -> (pid, environment, writable)
 
 
+_LMDB_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER = 16  # pgno (8), pad (2), flags (2), lower (2), upper (2)
+
+
+def check_lmdb_file(path: Path) -> None:
+    """Refuse a truncated ``data.mdb`` before it is memory-mapped: LMDB would read past the end
+    of the file and the process would die of SIGBUS instead of raising. The newer of the two
+    meta pages says how many pages the file must hold."""
+    data = Path(path) / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "rb") as handle:
+        first = handle.read(_PAGE_HEADER + 136)
+        if len(first) < _PAGE_HEADER + 136 or struct.unpack_from("<I", first, _PAGE_HEADER)[0] != _LMDB_MAGIC:
+            raise StoreError(f"{path}: data.mdb is not an LMDB file or its header is damaged ({size} bytes). "
+                             "Re-pack the store from its sources (atomforge data pack).")
+        page_size = struct.unpack_from("<I", first, _PAGE_HEADER + 24)[0]
+        handle.seek(page_size)
+        second = handle.read(_PAGE_HEADER + 136)
+    metas = [m for m in (first, second) if len(m) == _PAGE_HEADER + 136
+             and struct.unpack_from("<I", m, _PAGE_HEADER)[0] == _LMDB_MAGIC]
+    last_page, _ = max((struct.unpack_from("<QQ", m, _PAGE_HEADER + 120) for m in metas), key=lambda t: t[1])
+    need = (last_page + 1) * page_size
+    if size < need:
+        raise StoreError(f"{path} is truncated: data.mdb has {size} bytes, its last commit needs {need}. "
+                         "Re-pack the store from its sources (atomforge data pack), or restore the copy.")
+
+
 def _environment(path: Path, *, write: bool = False) -> Any:
     key, pid = os.path.realpath(path), os.getpid()
     entry = _ENVS.get(key)
@@ -219,6 +246,8 @@ def _environment(path: Path, *, write: bool = False) -> Any:
             return entry[1]
         entry[1].close()  # a reader's handle becomes the writer's
     lmdb = _lmdb()
+    if (Path(path) / "data.mdb").exists():
+        check_lmdb_file(Path(path))
     try:
         env = lmdb.open(key, readonly=not write, lock=True, readahead=False, subdir=True, max_readers=2048,
                         map_size=MAP_SIZE)
@@ -261,7 +290,11 @@ class StructureStore:
         if not self.path.is_dir() or not is_store(self.path):
             raise StoreError(f"{self.path} is not a structure store (expected a folder holding data.mdb, as written "
                              "by `atomforge data pack`)")
-        self.meta = self._read_meta()
+        try:
+            self.meta = self._read_meta()
+        except StoreError:
+            self.close()  # no handle left open on a store that cannot be used
+            raise
         self._columns: dict[str, np.ndarray] = {}
 
     @property
