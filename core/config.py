@@ -53,6 +53,7 @@ class LoaderConfig:
 
     workers: int = 0  # worker processes reading structures and building neighbour lists (0: the training process)
     prefetch: int = 4  # batches each worker keeps ready
+    cache_gb: float = 1.0  # a streamed data set whose graphs fit this budget keeps them after the first epoch (0: never)
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,9 @@ def _loader(value: Any) -> LoaderConfig:
     data = _mapping(value, "data.loader")
     _check_keys(data, _fields_of(LoaderConfig), "data.loader")
     loader = LoaderConfig(**_coerce(data, LoaderConfig, "data.loader"))
-    if loader.workers < 0 or loader.prefetch < 1:
-        raise ConfigError(f"data.loader: workers must be ≥ 0 and prefetch ≥ 1; got {loader.workers}, {loader.prefetch}")
+    if loader.workers < 0 or loader.prefetch < 1 or loader.cache_gb < 0:
+        raise ConfigError(f"data.loader: workers must be ≥ 0, prefetch ≥ 1 and cache_gb ≥ 0; got {loader.workers}, "
+                          f"{loader.prefetch}, {loader.cache_gb}")
     return loader
 
 

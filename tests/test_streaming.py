@@ -74,7 +74,7 @@ def test_streamed_training_equals_in_memory(registry, cu_files, cu_store, tmp_pa
     for name, train_source, loader in (("memory", str(cu_files["train"]), {}),
                                        ("store", {"source": "store", "path": str(cu_store / "train")}, {}),
                                        ("workers", {"source": "store", "path": str(cu_store / "train")},
-                                        {"workers": 2, "prefetch": 2})):
+                                        {"workers": 2, "prefetch": 2, "cache_gb": 0})):
         raw = tiny_config(cu_files, tmp_path / name, max_epochs=2)
         raw["data"].update(train=train_source, loader=loader)
         results[name] = train(config_from_dict(raw), registry, verbose=False).test_metrics
@@ -252,3 +252,13 @@ def test_loader_workers_keep_plan_order(cu_store) -> None:
     assert got == [[8, 8], [8], [8, 8, 8]]
     first = next(iter(data.batches(plan)))
     assert torch.equal(first["positions"][:8], data.graphs[5]["positions"])
+
+
+def test_small_sets_are_cached_after_the_first_read(cu_store) -> None:
+    data = StoreDataset(cu_store / "train", 4.0, cache_gb=0.01, workers=2)
+    plan = [np.arange(0, 12), np.arange(12, 24)]
+    first = [b["positions"] for b in data.batches(plan)]
+    assert data._cache is not None and len(data._cache) == 24  # built here, not in workers: kept
+    again = [b["positions"] for b in data.batches(plan)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert StoreDataset(cu_store / "train", 4.0, cache_gb=1e-6).batches(plan) is not None

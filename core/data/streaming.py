@@ -87,7 +87,8 @@ class StoreDataset:
 
     def __init__(self, store: StructureStore | str | os.PathLike, cutoff: float, *, dtype: torch.dtype = torch.float32,
                  require: Sequence[str] = (), source: str = "", fields: FieldTable | None = None,
-                 indices: np.ndarray | Sequence[int] | None = None, workers: int = 0, prefetch: int = 4) -> None:
+                 indices: np.ndarray | Sequence[int] | None = None, workers: int = 0, prefetch: int = 4,
+                 cache_gb: float = 0.0) -> None:
         self.store = store if isinstance(store, StructureStore) else StructureStore(store)
         self.indices = (np.arange(len(self.store), dtype=np.int64) if indices is None
                         else np.asarray(indices, dtype=np.int64))
@@ -102,6 +103,8 @@ class StoreDataset:
         self.source = source or str(self.store.path)
         self.fields = DEFAULT_FIELDS if fields is None else fields
         self.workers, self.prefetch = int(workers), int(prefetch)
+        self.cache_bytes = int(float(cache_gb) * 2**30)
+        self._cache: dict[int, Batch] | None = None  # graphs kept once built, when the data set fits the budget
         self.check_labels()
 
     def __len__(self) -> int:
@@ -125,7 +128,24 @@ class StoreDataset:
         return self.store.get(int(self.indices[k]))
 
     def graph(self, k: int) -> Batch:
-        """The ``k``-th structure's graph (read, validated, neighbour list built now)."""
+        """The ``k``-th structure's graph (read, validated, neighbour list built now — or kept
+        from an earlier epoch when the whole data set fits ``cache_gb``)."""
+        k = int(k)
+        if self._cache is not None and k in self._cache:
+            return self._cache[k]
+        graph = self._build(k)
+        if self.cache_bytes and self._cache is None and self._fits(graph):
+            self._cache = {}
+        if self._cache is not None:
+            self._cache[k] = graph
+        return graph
+
+    def _fits(self, graph: Batch) -> bool:
+        """Whether every graph, estimated from one, fits the cache budget."""
+        per_atom = sum(t.element_size() * t.nelement() for t in graph.values()) / max(int(graph[K.NUMBERS].shape[0]), 1)
+        return per_atom * float(self.sizes().sum()) * 1.5 <= self.cache_bytes
+
+    def _build(self, k: int) -> Batch:
         index = int(self.indices[k])
         atoms = self.store.get(index)
         labels = validate_structure(atoms, require=self.require, index=index, source=self.source)
@@ -155,10 +175,14 @@ class StoreDataset:
         return StoreDataset(self.store, self.cutoff, dtype=self.dtype, require=self.require,
                             source=source or self.source, fields=self.fields,
                             indices=self.indices[np.asarray(positions, dtype=np.int64)],
-                            workers=self.workers, prefetch=self.prefetch)
+                            workers=self.workers, prefetch=self.prefetch, cache_gb=self.cache_bytes / 2**30)
 
     def batches(self, plan: Sequence[Sequence[int]]) -> Iterator[Batch]:
-        """Collated batches of ``plan`` (lists of positions in this dataset), in order."""
+        """Collated batches of ``plan`` (lists of positions in this dataset), in order: in
+        ``workers`` processes, or here when the graphs are cached (or will be: a data set that
+        fits ``cache_gb`` is built here once and then read from memory, as fast as in memory)."""
+        if self.cache_bytes and (self._cache is not None or (len(self) and self._fits(self._build(0)))):
+            return read_batches(self, plan, workers=0)
         return read_batches(self, plan, workers=self.workers, prefetch=self.prefetch)
 
 

@@ -148,7 +148,8 @@ def _as_dataset(config: RunConfig, registry: Registry, structures: Sequence[Atom
     if isinstance(structures, StoreStructures):
         loader = config.data.loader
         return StoreDataset(structures.store, cutoff, dtype=dtype, require=require, source=source, fields=fields,
-                            indices=structures.indices, workers=loader.workers, prefetch=loader.prefetch)
+                            indices=structures.indices, workers=loader.workers, prefetch=loader.prefetch,
+                            cache_gb=loader.cache_gb)
     return GraphDataset(list(structures), cutoff, dtype=dtype, require=require, source=source, fields=fields)
 
 
