@@ -135,9 +135,12 @@ def _index_option(value: Any, count: int) -> np.ndarray:
     if isinstance(value, str):
         try:
             parts = [int(p) if p.strip() else None for p in value.split(":")]
-            return np.arange(count, dtype=np.int64)[slice(*parts)]
+            chosen = np.arange(count, dtype=np.int64)[slice(*parts)]
         except (TypeError, ValueError):
             raise ConfigError(f"store data source: indices {value!r} is not a slice like '0:1000'") from None
+        if len(chosen) == 0 or (len(parts) > 1 and parts[1] is not None and parts[1] > count):
+            raise ConfigError(f"store data source: indices {value!r} reach past the store's {count} structures")
+        return chosen
     indices = np.asarray(value, dtype=np.int64)
     if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= count)):
         raise ConfigError(f"store data source: indices must be a list of 0 ≤ i < {count} (the store's size)")
@@ -151,16 +154,37 @@ def read_store(options: dict[str, Any], base_dir: Path) -> Any:
     options = dict(options)
     paths = _paths(options, base_dir)
     split, indices = options.pop("split", None), options.pop("indices", None)
+    fidelity, config_type = options.pop("fidelity", None), options.pop("config_type", None)
     if options:
-        raise ConfigError(f"store data source: unknown option(s) {sorted(options)}; valid: path, split, indices")
+        raise ConfigError(f"store data source: unknown option(s) {sorted(options)}; valid: path, split, indices, "
+                          "fidelity, config_type")
     if len(paths) != 1:
         raise ConfigError("store data source: give one store as 'path' (mix several with data.train as a list)")
     if split is not None and indices is not None:
         raise ConfigError("store data source: give 'split' or 'indices', not both")
     store = StructureStore(paths[0])
     chosen = store.split(str(split)) if split is not None else (
-        None if indices is None else _index_option(indices, len(store)))
+        np.arange(len(store), dtype=np.int64) if indices is None else _index_option(indices, len(store)))
+    chosen = _filtered(store, chosen, fidelity, config_type)
     return StoreStructures(store, chosen)
+
+
+def _filtered(store: Any, chosen: np.ndarray, fidelity: Any, config_type: Any) -> np.ndarray:
+    """Keep the structures of one fidelity and/or config type (from the store's columns: mixing
+    levels of theory or kinds of structure by ratio, without re-packing)."""
+    if fidelity is not None:
+        if isinstance(fidelity, bool) or not isinstance(fidelity, int):
+            raise ConfigError(f"store data source: fidelity must be an integer; got {fidelity!r}")
+        chosen = chosen[store.column("fidelity")[chosen] == fidelity]
+    if config_type is not None:
+        if str(config_type) not in store.config_types:
+            raise ConfigError(f"store data source: config_type {config_type!r} is not in {store.path}; "
+                              f"its config types: {store.config_types or 'none'}")
+        chosen = chosen[store.column("config_type")[chosen] == store.config_types.index(str(config_type))]
+    if len(chosen) == 0:
+        raise ConfigError(f"store data source: no structure of {store.path} has fidelity {fidelity!r}"
+                          + (f" and config_type {config_type!r}" if config_type is not None else ""))
+    return chosen
 
 
 @hookimpl

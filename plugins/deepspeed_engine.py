@@ -151,13 +151,15 @@ def graph_cost(graph: Mapping[str, torch.Tensor]) -> float:
     return float(graph[K.POSITIONS].shape[0] + graph[K.EDGE_INDEX].shape[1])
 
 
-def dataset_costs(dataset: Any) -> np.ndarray:
+def dataset_costs(dataset: Any, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """Every structure's work: atoms + edges from the graphs in memory; for a streaming dataset
-    (graphs not built yet) atoms × (1 + mean neighbours of a sample of 64 structures)."""
+    (graphs not built yet) atoms × (1 + mean neighbours of a sample of 64 structures, taken from
+    this rank's shard — positions ≡ rank mod world_size — so no rank reads another's)."""
     if not getattr(dataset, "streaming", False):
         return np.asarray([graph_cost(g) for g in dataset.graphs])
     sizes = dataset_sizes(dataset).astype(float)
-    sample = np.linspace(0, len(dataset) - 1, min(64, len(dataset))).astype(np.int64)
+    own = np.arange(rank, len(dataset), world_size)
+    sample = own[np.linspace(0, len(own) - 1, min(64, len(own))).astype(np.int64)]
     graphs = [dataset.graphs[int(k)] for k in sample]
     neighbours = sum(g[K.EDGE_INDEX].shape[1] for g in graphs) / max(sum(g[K.POSITIONS].shape[0] for g in graphs), 1)
     return sizes * (1.0 + neighbours)
@@ -324,7 +326,7 @@ class DeepSpeedBackend:
         ``training.batch_atoms`` cuts global batches by atoms; ``shard_data`` gives each rank its
         own shard (see :meth:`_sharded_plan`)."""
         if self._costs is None or len(self._costs) != len(dataset):
-            self._costs = dataset_costs(dataset)
+            self._costs = dataset_costs(dataset, self.rank, self.world_size)
         accum = self.options.gradient_accumulation_steps
         if self.options.shard_data and self.world_size > 1:
             yield from self._sharded_plan(order, dataset, accum)

@@ -262,3 +262,20 @@ def test_small_sets_are_cached_after_the_first_read(cu_store) -> None:
     again = [b["positions"] for b in data.batches(plan)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert StoreDataset(cu_store / "train", 4.0, cache_gb=1e-6).batches(plan) is not None
+
+
+def test_store_source_filters_by_fidelity_and_config_type(registry, tmp_path) -> None:
+    from atomforge.plugins.data_sources import read_store
+
+    structures = cu_structures(6)
+    for k, atoms in enumerate(structures):
+        atoms.info.update(fidelity=k % 2, config_type="hot" if k < 2 else "cold")
+    with StoreWriter(tmp_path / "s") as writer:
+        pack_structures(writer, structures, source_id="x")
+    assert read_store({"path": str(tmp_path / "s"), "fidelity": 1}, tmp_path).indices.tolist() == [1, 3, 5]
+    assert read_store({"path": str(tmp_path / "s"), "config_type": "hot", "fidelity": 0},
+                      tmp_path).indices.tolist() == [0]
+    with pytest.raises(ConfigError, match="config types: \\['hot', 'cold'\\]"):
+        read_store({"path": str(tmp_path / "s"), "config_type": "warm"}, tmp_path)
+    with pytest.raises(ConfigError, match="reach past"):
+        read_store({"path": str(tmp_path / "s"), "indices": "4:10"}, tmp_path)
