@@ -1,5 +1,5 @@
 """Core CLI sub-commands, registered through the same ``register_commands`` hook as any plugin:
-``train``, ``evaluate``, ``md``, ``import-model``, ``plugins`` and ``demo``."""
+``train``, ``evaluate``, ``md``, ``import-model``, ``plugins``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ._data_commands import data_command
 from ._specs import CommandSpec, PluginKind
 from .hookspecs import hookimpl
 from .registry import Registry
@@ -277,3 +278,5 @@ def register_commands(register) -> None:  # noqa: ANN001
     register(CommandSpec("plugins", _plugins, "list registered plugins by kind", help="list plugins"))
     register(CommandSpec("demo", _demo, "main job: EMT-labelled Cu → train → evaluate → MD, tracked in MLflow",
                          help="run the end-to-end demo"))
+    register(CommandSpec("data", data_command, "structure stores: pack | info | split | sample | export "
+                         "(docs/data.md)", help="pack data into a structure store, inspect, split, export"))
