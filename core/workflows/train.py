@@ -502,8 +502,9 @@ def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: 
         acc = evaluate(model, sets[name])
         metrics.update({f"{prefix}_{k}": v for k, v in acc.metrics().items()})
         metrics.update({f"{prefix}_{quantity}_count": n for quantity, n in acc.counts.items()})  # structures scored
-        plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
-        tracker.log_artifact(plot, "plots")
+        if acc.metrics():  # an unlabelled set (denoising pre-training) has nothing to plot
+            plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")
+            tracker.log_artifact(plot, "plots")
     tracker.log_metrics(metrics)
     write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
