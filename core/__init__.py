@@ -58,7 +58,7 @@ from .data.fields import (
 )
 from .data.graph import DataStatistics, GraphDataset, atoms_to_graph, data_statistics, iterate_batches, neighbor_list
 from .data.store import StoreWriter, StructureStore
-from .data.streaming import MixedDataset, StoreDataset, StoreStructures, dataset_sizes, size_batches
+from .data.streaming import MixedDataset, StoreDataset, StoreStructures, dataset_edges, dataset_sizes, size_batches
 from .data.structures import (
     Labels,
     Metadata,
@@ -137,7 +137,7 @@ __all__ = [
     "complete_extxyz_length", "FieldKind", "FieldTable", "DEFAULT_FIELDS", "GraphDataset", "DataStatistics", "data_statistics", "atoms_to_graph",
     "collate", "replicate_batch", "split_batch", "label_mask", "mask_key", "iterate_batches", "neighbor_list",
     # data: the structure store and streaming
-    "StructureStore", "StoreWriter", "StoreStructures", "StoreDataset", "MixedDataset", "size_batches", "dataset_sizes",
+    "StructureStore", "StoreWriter", "StoreStructures", "StoreDataset", "MixedDataset", "size_batches", "dataset_sizes", "dataset_edges",
     # models: backbones, the Potential, model files, calculator
     "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "scatter_sum", "fit_normalization",
     "build_potential", "load_model", "read_model_file", "save_model", "AtomforgeCalculator", "load_calculator",

@@ -109,6 +109,7 @@ class TrainingConfig:
     device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
     batch_atoms: int | None = None  # size-aware batches: at most this many atoms per step (batch_size caps structures)
+    batch_edges: int | None = None  # size-aware batches: at most this many edges (neighbour pairs) per step
     checkpoint_steps: int | None = None  # also checkpoint every N steps inside an epoch (resume mid-epoch)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -340,7 +341,7 @@ def _training(data: Mapping[str, Any]) -> TrainingConfig:
                           f"got {config.engine!r}")
     if sched.name == "cosine_time" and not config.max_time:
         raise ConfigError("training.scheduler cosine_time decays the LR over training.max_time; set max_time")
-    for key in ("batch_atoms", "checkpoint_steps"):
+    for key in ("batch_atoms", "batch_edges", "checkpoint_steps"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"training.{key}: expected a whole number ≥ 1 or null; got {getattr(config, key)!r}")
     if config.batch_size < 1 or config.max_epochs < 0 or config.lr <= 0:

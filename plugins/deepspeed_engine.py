@@ -47,6 +47,7 @@ from atomforge import (
     TrainSettings,
     autocast_context,
     cast_outputs,
+    dataset_edges,
     dataset_sizes,
     hookimpl,
     resolve_device,
@@ -332,9 +333,11 @@ class DeepSpeedBackend:
             yield from self._sharded_plan(order, dataset, accum)
             return
         slots = self.world_size * accum
-        if self.settings.batch_atoms:
-            batches = size_batches(order, dataset_sizes(dataset), max_atoms=self.settings.batch_atoms,
-                                   max_structures=self.settings.batch_size)
+        atoms, edges = self.settings.batch_atoms, getattr(self.settings, "batch_edges", None)
+        if atoms or edges:
+            batches = size_batches(order, dataset_sizes(dataset) if atoms else np.zeros(0, np.int64),
+                                   max_atoms=atoms, max_structures=self.settings.batch_size,
+                                   edges=dataset_edges(dataset) if edges else None, max_edges=edges)
             plans = [shard_batch(_padded(list(b), order, slots), self._costs, slots, balance=self.options.balance)
                      for b in batches]
         else:
@@ -351,17 +354,26 @@ class DeepSpeedBackend:
     def _sharded_plan(self, order: Sequence[int], dataset: GraphDataset, accum: int) -> Iterator[Step]:
         """Rank r trains on positions ≡ r (mod ranks) only, in the epoch's order, cut into
         micro-batches of ``batch_size / (ranks × accumulation)`` structures (or that share of
-        ``batch_atoms``); every rank computes every rank's cuts from the sizes alone (no data
-        read), and the epoch has as many steps as the rank with the fewest can fill."""
+        ``batch_atoms`` / ``batch_edges``). Each rank cuts its own shard (edges are counted on the
+        own shard only, so no rank reads another's); the ranks agree on the number of steps (the
+        fewest any rank fills) with one all-reduce."""
         order = np.asarray(order, dtype=np.int64)
         slots = self.world_size * accum
-        sizes = dataset_sizes(dataset) if self.settings.batch_atoms else np.zeros(0, np.int64)
+        mine = order[order % self.world_size == self.rank]
         atoms = None if not self.settings.batch_atoms else max(1, self.settings.batch_atoms // slots)
-        per_rank = [size_batches(order[order % self.world_size == r], sizes, max_atoms=atoms,
-                                 max_structures=max(1, self.settings.batch_size // slots))
-                    for r in range(self.world_size)]
-        for s in range(min(len(b) for b in per_rank) // accum):
-            yield self._step([b[s * accum : (s + 1) * accum] for b in per_rank])
+        budget = getattr(self.settings, "batch_edges", None)
+        edges = None if not budget else max(1, budget // slots)
+        batches = size_batches(mine, dataset_sizes(dataset) if atoms else np.zeros(0, np.int64), max_atoms=atoms,
+                               max_structures=max(1, self.settings.batch_size // slots),
+                               edges=dataset_edges(dataset, mine) if edges else None, max_edges=edges)
+        loads = [float(sum(self._costs[int(i)] for b in batches[s * accum : (s + 1) * accum] for i in b))
+                 for s in range(len(batches) // accum)]
+        every = dist.all_gather_objects(loads)  # one exchange per epoch: step counts and loads
+        steps = min(len(rank_loads) for rank_loads in every)
+        for s in range(steps):
+            step_loads = [rank_loads[s] for rank_loads in every]
+            yield Step(batches[s * accum : (s + 1) * accum],
+                       {"load_imbalance": max(step_loads) / max(sum(step_loads) / len(step_loads), 1e-12)})
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()} if self.device.type != "cpu" else batch

@@ -108,6 +108,37 @@ def test_size_batches_respect_the_atom_budget() -> None:
         [0, 1], [2, 3], [4]]
 
 
+def test_size_batches_respect_the_edge_budget() -> None:
+    sizes = np.array([9, 9, 9, 9])
+    edges = np.array([70, 70, 500, 70])  # a dense structure has many more edges for its atoms
+    batches = size_batches(np.arange(4), sizes, max_atoms=100, max_structures=10, edges=edges, max_edges=200)
+    assert [b.tolist() for b in batches] == [[0, 1], [2], [3]]
+    only_edges = size_batches(np.arange(4), sizes, max_atoms=None, max_structures=10, edges=edges, max_edges=150)
+    assert [b.tolist() for b in only_edges] == [[0, 1], [2], [3]]
+    with pytest.raises(ValueError, match="edges per structure"):
+        size_batches(np.arange(4), sizes, max_atoms=None, max_structures=2, max_edges=10)
+
+
+def test_store_edges_match_the_graphs_and_count_only_what_is_asked(cu_store) -> None:
+    from atomforge import GraphDataset
+    data = StoreDataset(cu_store / "train", 4.0)
+    memory = GraphDataset(list(StructureStore(cu_store / "train")), 4.0)
+    partial = data.edges([1, 3])
+    assert partial[1] == memory.edges()[1] and partial[0] == -1
+    assert data.edges().tolist() == memory.edges().tolist()
+
+
+def test_batch_edges_trains_with_the_budget(registry, cu_files, tmp_path) -> None:
+    from atomforge import GraphDataset
+    raw = tiny_config(cu_files, tmp_path / "run", max_epochs=1, batch_size=100, batch_edges=1000)
+    train(config_from_dict(raw), registry, verbose=False)
+    per_structure = GraphDataset(ase.io.read(cu_files["train"], ":"), raw["model"]["cutoff"]).edges()
+    steps = read_training_state(tmp_path / "run")["history"][0]["steps"]
+    assert steps > 1 and steps >= int(np.ceil(per_structure[:18].sum() / 1000))
+    with pytest.raises(ConfigError, match="batch_edges"):
+        config_from_dict(tiny_config(cu_files, tmp_path / "x", batch_edges=0))
+
+
 def test_batch_atoms_trains_with_fewer_larger_steps(registry, cu_files, tmp_path) -> None:
     raw = tiny_config(cu_files, tmp_path / "run", max_epochs=1, batch_size=100, batch_atoms=40)
     train(config_from_dict(raw), registry, verbose=False)
@@ -190,6 +221,21 @@ def test_sharded_plan_reads_disjoint_shards(cu_store) -> None:
     assert len(plans[0]) == len(plans[1]) == 6
     read = [set(i for step in plan for i in step) for plan in plans]
     assert read[0].isdisjoint(read[1]) and all(i % 2 == r for r, s in enumerate(read) for i in s)
+
+
+def test_sharded_edge_budget_counts_only_the_own_shard(cu_store) -> None:
+    from atomforge.plugins.deepspeed_engine import DeepSpeedBackend, parse_options
+    from atomforge import TrainSettings
+
+    data = StoreDataset(cu_store / "train", 4.0)
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.options = parse_options({"shard_data": True})
+    backend.settings = TrainSettings(batch_size=100, batch_edges=2000)
+    backend.world_size, backend.rank, backend._costs = 2, 1, None
+    steps = list(backend.plan(np.arange(len(data)), data))
+    counted = data.edges(np.array([], dtype=np.int64))
+    assert (counted[0::2] == -1).all() and (counted[1::2] > 0).all()  # rank 1 counted only odd positions
+    assert all(counted[step.batches[0]].sum() <= 1000 or len(step.batches[0]) == 1 for step in steps)
 
 
 def test_required_labels_are_checked_from_the_columns(tmp_path) -> None:

@@ -50,6 +50,16 @@ def neighbor_list(
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), dist
 
 
+def edge_count(atoms: Atoms, cutoff: float) -> int:
+    """Number of directed edges (neighbour pairs, both directions, all periodic images) within
+    ``cutoff`` — what a batch's edge budget counts, without building the graph."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    box = np.asarray(atoms.cell[:], dtype=np.float64) if pbc.any() else np.zeros((3, 3))
+    (i,) = NeighborList(cutoff=float(cutoff), full_list=True).compute(
+        points=np.asarray(atoms.positions, dtype=np.float64), box=box, periodic=pbc.tolist(), quantities="i")
+    return int(len(i))
+
+
 def _check_contacts(i: np.ndarray, j: np.ndarray, dist: np.ndarray, where: str) -> None:
     if dist.size and dist.min() < MIN_DISTANCE:
         k = int(np.argmin(dist))
@@ -128,6 +138,10 @@ class GraphDataset:
     def sizes(self) -> np.ndarray:
         """Atoms per structure (size-aware batching)."""
         return np.asarray([len(a) for a in self.structures], dtype=np.int64)
+
+    def edges(self, positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Directed edges per structure (the edge budget of size-aware batching), from the graphs."""
+        return np.asarray([int(g[K.EDGE_INDEX].shape[1]) for g in self.graphs], dtype=np.int64)
 
     def batches(self, plan: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
         """Collated batches of ``plan`` (lists of indices), in order (the graphs are in memory)."""

@@ -8,8 +8,9 @@ collates the batches of a step plan in worker processes (``data.loader.workers``
 ``data.loader.prefetch`` batches per worker, in plan order. Memory stays flat in the number of
 structures: the indices and sizes (12 bytes per structure) are all that grows.
 
-:func:`size_batches` cuts an epoch's order into batches by a budget of atoms (and at most
-``max_structures``), so a 2000-atom cell and 9-atom molecules never share a fixed batch size.
+:func:`size_batches` cuts an epoch's order into batches by a budget of atoms and/or edges (and
+at most ``max_structures``), so a 2000-atom cell and 9-atom molecules never share a fixed batch
+size, and a dense cell does not blow the memory a sparse one of the same size fits in.
 :class:`MixedDataset` draws each epoch from several datasets with configured ratios.
 """
 
@@ -25,11 +26,11 @@ from ase import Atoms
 from .. import keys as K
 from .._errors import ConfigError, DataValidationError
 from .fields import DEFAULT_FIELDS, FieldTable, collate
-from .graph import atoms_to_graph
+from .graph import atoms_to_graph, edge_count
 from .store import LABEL_BITS, StructureStore, close_readers
 from .structures import get_labels, validate_structure
 
-__all__ = ["StoreStructures", "StoreDataset", "MixedDataset", "normalization_sums", "normalization_from_sums", "add_sums", "size_batches", "epoch_batches", "dataset_sizes", "read_batches"]
+__all__ = ["StoreStructures", "StoreDataset", "MixedDataset", "normalization_sums", "normalization_from_sums", "add_sums", "size_batches", "epoch_batches", "dataset_sizes", "dataset_edges", "read_batches"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -105,6 +106,7 @@ class StoreDataset:
         self.workers, self.prefetch = int(workers), int(prefetch)
         self.cache_bytes = int(float(cache_gb) * 2**30)
         self._cache: dict[int, Batch] | None = None  # graphs kept once built, when the data set fits the budget
+        self._edges: np.ndarray | None = None  # edges per structure, -1 until counted (edge budget)
         self.check_labels()
 
     def __len__(self) -> int:
@@ -170,6 +172,19 @@ class StoreDataset:
         """Atoms per structure (int64), without reading structures."""
         return self.store.column("n_atoms")[self.indices].astype(np.int64)
 
+    def edges(self, positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Directed edges per structure within the cutoff (the edge budget of size-aware batches).
+        Counting reads the structure and runs vesin (~0.1 ms for a molecule), once per structure
+        and dataset; ``positions`` limits the count to those (the others stay −1), so a rank
+        counts only its own shard."""
+        if self._edges is None:
+            self._edges = np.full(len(self), -1, dtype=np.int64)
+        wanted = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64)
+        for k in wanted[self._edges[wanted] < 0].tolist():
+            self._edges[k] = (int(self._cache[k][K.EDGE_INDEX].shape[1]) if self._cache is not None and k in self._cache
+                              else edge_count(self.structure(k), self.cutoff))
+        return self._edges
+
     def subset(self, positions: np.ndarray | Sequence[int], source: str | None = None) -> "StoreDataset":
         """The dataset of ``indices[positions]`` (same store, settings)."""
         return StoreDataset(self.store, self.cutoff, dtype=self.dtype, require=self.require,
@@ -225,29 +240,48 @@ def dataset_sizes(dataset: Any) -> np.ndarray:
     return np.asarray([int(g[K.NUMBERS].shape[0]) for g in dataset.graphs], dtype=np.int64)
 
 
+def dataset_edges(dataset: Any, positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Directed edges per structure of any dataset (``edges()`` if it has one, else from its
+    graphs); only ``positions`` need be counted (a streaming dataset leaves the others −1)."""
+    if hasattr(dataset, "edges"):
+        return np.asarray(dataset.edges(positions), dtype=np.int64)
+    return np.asarray([int(g[K.EDGE_INDEX].shape[1]) for g in dataset.graphs], dtype=np.int64)
+
+
 def size_batches(order: Sequence[int] | np.ndarray, sizes: np.ndarray, *, max_atoms: int | None,
-                 max_structures: int) -> list[np.ndarray]:
+                 max_structures: int, edges: np.ndarray | None = None,
+                 max_edges: int | None = None) -> list[np.ndarray]:
     """Cut ``order`` into consecutive batches of at most ``max_structures`` structures and (if
-    given) ``max_atoms`` atoms; a structure larger than the budget gets a batch of its own."""
+    given) ``max_atoms`` atoms and ``max_edges`` edges (``edges[i]`` per structure); a structure
+    over a budget on its own gets a batch of its own."""
     order = np.asarray(order, dtype=np.int64)
-    if max_atoms is None:
+    if max_atoms is None and max_edges is None:
         return [order[s : s + max_structures] for s in range(0, len(order), max_structures)]
-    batches, start, atoms = [], 0, 0
-    for k, n in enumerate(sizes[order].tolist()):
-        if k > start and (atoms + n > max_atoms or k - start >= max_structures):
+    if max_edges is not None and edges is None:
+        raise ValueError("size_batches: max_edges needs the edges per structure")
+    atom_cap = np.inf if max_atoms is None else max_atoms
+    edge_cap = np.inf if max_edges is None else max_edges
+    n_atoms = sizes[order].tolist() if max_atoms is not None else [0] * len(order)
+    n_edges = edges[order].tolist() if max_edges is not None else [0] * len(order)
+    batches, start, atoms, pairs = [], 0, 0, 0
+    for k, (n, e) in enumerate(zip(n_atoms, n_edges)):
+        if k > start and (atoms + n > atom_cap or pairs + e > edge_cap or k - start >= max_structures):
             batches.append(order[start:k])
-            start, atoms = k, 0
+            start, atoms, pairs = k, 0, 0
         atoms += n
+        pairs += e
     if start < len(order):
         batches.append(order[start:])
     return batches
 
 
 def epoch_batches(dataset: Any, order: Sequence[int] | np.ndarray, *, batch_size: int,
-                  batch_atoms: int | None) -> list[np.ndarray]:
+                  batch_atoms: int | None, batch_edges: int | None = None) -> list[np.ndarray]:
     """One epoch's batches of ``dataset`` in ``order`` (see :func:`size_batches`)."""
     sizes = dataset_sizes(dataset) if batch_atoms is not None else np.zeros(0, np.int64)
-    return size_batches(order, sizes, max_atoms=batch_atoms, max_structures=batch_size)
+    edges = dataset_edges(dataset) if batch_edges is not None else None
+    return size_batches(order, sizes, max_atoms=batch_atoms, max_structures=batch_size,
+                        edges=edges, max_edges=batch_edges)
 
 
 class MixedDataset:
@@ -291,6 +325,16 @@ class MixedDataset:
 
     def sizes(self) -> np.ndarray:
         return np.concatenate([dataset_sizes(p) for p in self.parts])
+
+    def edges(self, positions: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Edges per structure of every part (only ``positions`` need be counted)."""
+        wanted = None if positions is None else np.asarray(positions, dtype=np.int64)
+        out = []
+        for k, part in enumerate(self.parts):
+            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+            mine = None if wanted is None else wanted[(wanted >= lo) & (wanted < hi)] - lo
+            out.append(dataset_edges(part, mine))
+        return np.concatenate(out)
 
     def counts(self) -> np.ndarray:
         """Structures drawn from each part per epoch (sums to ``epoch_size``)."""

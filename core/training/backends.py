@@ -144,18 +144,20 @@ class TorchBackend:
 
     ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (``training.device``);
     ``precision``: ``fp32`` | ``bf16`` (``training.precision``); ``batch_size``,
-    ``batch_atoms`` and ``grad_clip`` as in :class:`atomforge.TrainSettings`.
+    ``batch_atoms``, ``batch_edges`` and ``grad_clip`` as in :class:`atomforge.TrainSettings`.
     """
 
     rank = 0
     world_size = 1
 
     def __init__(self, *, batch_size: int, grad_clip: float | None = 10.0, device: str | torch.device = "auto",
-                 precision: str = "fp32", batch_atoms: int | None = None) -> None:
+                 precision: str = "fp32", batch_atoms: int | None = None,
+                 batch_edges: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"training.precision: expected one of {PRECISIONS}; got {precision!r}")
         self.batch_size = int(batch_size)
         self.batch_atoms = None if batch_atoms is None else int(batch_atoms)
+        self.batch_edges = None if batch_edges is None else int(batch_edges)
         self.grad_clip = grad_clip
         self.device = resolve_device(device)
         self.precision = precision
@@ -166,7 +168,8 @@ class TorchBackend:
     def from_settings(cls, settings: Any, **extra: Any) -> "TorchBackend":
         """A backend configured by a :class:`atomforge.TrainSettings` (plus ``extra`` keywords)."""
         return cls(batch_size=settings.batch_size, grad_clip=settings.grad_clip, device=settings.device,
-                   precision=settings.precision, batch_atoms=getattr(settings, "batch_atoms", None), **extra)
+                   precision=settings.precision, batch_atoms=getattr(settings, "batch_atoms", None),
+                   batch_edges=getattr(settings, "batch_edges", None), **extra)
 
     @property
     def model(self) -> nn.Module:
@@ -184,8 +187,10 @@ class TorchBackend:
         return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def plan(self, order: Sequence[int], dataset: GraphDataset) -> Iterator[Step]:
-        """One micro-batch per step: ``batch_size`` structures, or as many as fit ``batch_atoms``."""
-        for chosen in epoch_batches(dataset, order, batch_size=self.batch_size, batch_atoms=self.batch_atoms):
+        """One micro-batch per step: ``batch_size`` structures, or as many as fit ``batch_atoms``
+        and ``batch_edges``."""
+        for chosen in epoch_batches(dataset, order, batch_size=self.batch_size, batch_atoms=self.batch_atoms,
+                                    batch_edges=self.batch_edges):
             yield Step([chosen])
 
     def to_device(self, batch: Batch) -> Batch:

@@ -84,6 +84,7 @@ class TrainSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (backends that place the model themselves)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; fp32 master weights)
     batch_atoms: int | None = None  # atoms per optimiser step (all processes); batch_size then caps structures
+    batch_edges: int | None = None  # directed edges (neighbour pairs) per optimiser step (all processes)
     checkpoint_steps: int | None = None  # also checkpoint every this many steps inside an epoch (resumes mid-epoch)
 
 

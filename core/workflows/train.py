@@ -414,7 +414,8 @@ def train_settings(config: RunConfig, loss: CompositeLoss) -> TrainSettings:
         max_epochs=t.max_epochs, max_time=t.max_time, batch_size=t.batch_size,
         valid_batch_size=t.valid_batch_size, seed=t.seed, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, patience=t.patience, compute_stress=K.STRESS in loss.outputs,
-        device=t.device, precision=t.precision, batch_atoms=t.batch_atoms, checkpoint_steps=t.checkpoint_steps,
+        device=t.device, precision=t.precision, batch_atoms=t.batch_atoms, batch_edges=t.batch_edges,
+        checkpoint_steps=t.checkpoint_steps,
     )
 
 
