@@ -50,7 +50,7 @@ from atomforge import (
     write_text_atomic,
 )
 
-from ._config import TRAIN_KEYS, CampaignConfig
+from ._config import CAMPAIGN_ONLY, TRAIN_KEYS, CampaignConfig
 from ._labelling import OracleCall, build_oracle, label_all, make_executor
 from ._lock import CampaignLock, describe_holder
 from ._trainjob import run_training_job
@@ -285,13 +285,22 @@ class Campaign:
             data[name] = {"source": "ase", "path": str(folder / f"{name}.extxyz")}
         if self.config.test is not None:
             data["test"] = {"source": self.config.test.source, **self.config.test.options}
-        user = {k: v for k, v in self.config.train.items() if k not in ("processes", "warm_start")}
+        head = self.config.train.get("head")  # a multi-head model: the head the oracle's labels train
+        if head is not None:
+            for name in ("train", "valid"):
+                data[name]["head"] = head
+        replay = self.config.train.get("replay") or []
+        if replay:  # pre-training data mixed in (fine-tuning without forgetting)
+            data["train"] = [{**data["train"], "ratio": 1.0 - sum(float(r["ratio"]) for r in replay)},
+                             *(dict(r) for r in replay)]
+        user = {k: v for k, v in self.config.train.items() if k not in CAMPAIGN_ONLY}
         raw = {**user, "data": data, "output": str(self.iter_dir(iteration) / "train"), "tracking": "none"}
         raw["training"] = {"seed": self.config.seed, **dict(self.config.train.get("training") or {})}
         warm = self.config.train.get("warm_start")
         previous = self.model_path(iteration - 1) if iteration > 0 else None
         if warm and previous is not None and previous.exists():  # DP-GEN's init-model / training_reuse
-            raw["model"] = {**dict(raw.get("model") or {}), "init_from": str(previous)}
+            model = {k: v for k, v in dict(raw.get("model") or {}).items() if k != "pretrained"}
+            raw["model"] = {**model, "init_from": str(previous)}
             raw["training"].update((warm if isinstance(warm, dict) else {}).get("training") or {})
         return raw
 
@@ -368,7 +377,8 @@ class Campaign:
 
     def explore(self, iteration: int) -> None:
         """Run every explorer with the iteration's model; score and store the candidates."""
-        calc = load_calculator(self.model_path(iteration), registry=self.registry)
+        # a multi-head model explores and scores on the head the oracle's labels train
+        calc = load_calculator(self.model_path(iteration), registry=self.registry, head=self.config.train.get("head"))
         calibration = self.calibration(calc)
         hi = self.levels(calibration)[1]
         frames: list[Atoms] = []

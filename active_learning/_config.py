@@ -84,7 +84,9 @@ class CampaignConfig:
 
 _TOP = ("initial_data", "oracle", "train", "explorers", "selector", "output", "budget", "stop", "test",
         "starts", "starts_per_iteration", "valid_fraction", "executor", "tracking", "seed", "min_distance_ratio")
-_TRAIN_KEYS = ("model", "uq", "loss", "training", "processes", "warm_start")  # + engines' options blocks
+_TRAIN_KEYS = ("model", "uq", "loss", "training", "finetune", "processes", "warm_start", "replay",
+               "head")  # + engines' options blocks
+CAMPAIGN_ONLY = ("processes", "warm_start", "replay", "head")  # train keys that are not `atomforge train`'s
 TRAIN_KEYS = _TRAIN_KEYS
 
 
@@ -143,8 +145,14 @@ def _oracle(value: Any) -> OracleConfig:
     return config
 
 
-def _train(value: Any) -> dict[str, Any]:
+def _train(value: Any, base_dir: Path = Path(".")) -> dict[str, Any]:
     train = _mapping(value, "train")
+    if train.get("replay") is not None:
+        train["replay"] = _replay(train["replay"], base_dir)
+    head = train.get("head")
+    if head is not None and (not isinstance(head, str) or not head):
+        raise ConfigError(f"train.head: expected the name of one of model.heads (the oracle's level of theory); "
+                          f"got {head!r}")
     unknown = sorted(k for k, v in train.items() if k not in _TRAIN_KEYS and not isinstance(v, Mapping))
     if unknown:
         raise ConfigError(f"train: unknown key(s) {unknown}; valid keys: {list(_TRAIN_KEYS)} and options blocks named "
@@ -161,9 +169,9 @@ def _check_training_block(train: Mapping[str, Any]) -> None:
     """Validate the `atomforge train` part of ``train`` (types and ranges of model, loss and
     training options, also with the warm-start overrides) when the campaign is read, not at its
     first training. Model files named by ``model.init_from`` are read when training starts."""
-    block = {k: v for k, v in train.items() if k not in ("processes", "warm_start")}
-    if isinstance(block.get("model"), Mapping) and block["model"].get("init_from") is not None:
-        block["model"] = {k: v for k, v in block["model"].items() if k != "init_from"}
+    block = {k: v for k, v in train.items() if k not in CAMPAIGN_ONLY}
+    if isinstance(block.get("model"), Mapping):  # model files and pretrained models are read when training starts
+        block["model"] = {k: v for k, v in block["model"].items() if k not in ("init_from", "pretrained")}
     warm = train.get("warm_start")
     variants = [block]
     if isinstance(warm, Mapping):
@@ -173,6 +181,25 @@ def _check_training_block(train: Mapping[str, Any]) -> None:
             config_from_dict({**variant, "data": {"train": "campaign-data.extxyz"}, "tracking": "none"})
         except ConfigError as error:
             raise ConfigError(f"train: {error}") from None
+
+
+def _replay(value: Any, base_dir: Path) -> list[dict[str, Any]]:
+    """``train.replay``: data (e.g. the pre-training set, a structure store) mixed into every
+    iteration's training set, each with its ``ratio`` (share of each epoch; the campaign's own
+    data get the rest) and optionally the ``head`` it trains."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for k, item in enumerate(items):
+        where = f"train.replay[{k}]"
+        options = {"source": "ase", "path": str(item)} if isinstance(item, (str, Path)) else _mapping(item, where)
+        ratio = options.get("ratio")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ConfigError(f"{where}.ratio: expected a share of each epoch in (0, 1) (the campaign's own data get "
+                              f"the rest); got {ratio!r}")
+        out.append(_resolve_paths(options, base_dir))
+    if sum(float(o["ratio"]) for o in out) >= 1:
+        raise ConfigError("train.replay: the ratios add up to ≥ 1, leaving nothing for the campaign's own data")
+    return out
 
 
 def _warm_start(value: Any) -> None:
@@ -221,7 +248,7 @@ def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> Ca
     return _check(CampaignConfig(
         initial_data=_source(raw["initial_data"], base_dir, "initial_data"),  # type: ignore[arg-type]
         oracle=_oracle(raw["oracle"]),
-        train=_train(raw["train"]),
+        train=_train(raw["train"], base_dir),
         explorers=tuple(_choice(e, f"explorers[{i}]", base_dir) for i, e in enumerate(explorers)),
         selector=_choice(raw["selector"], "selector"),
         output=(base_dir / Path(str(raw["output"])).expanduser()).resolve(),

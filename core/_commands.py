@@ -118,6 +118,8 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (errors and UQ metrics; "
                         "physics metrics run on the CPU)")
+    parser.add_argument("--head", default=None, help="a multi-head model's head (name or index) to score every "
+                        "structure on (default: each structure's fidelity)")
     _physics_arguments(parser)
 
     def run(args: argparse.Namespace, registry: Registry) -> int:
@@ -127,11 +129,14 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
 
         device = resolve_device(args.device)
         model = load_model(args.model, registry=registry).to(device)
+        head = int(args.head) if args.head is not None and args.head.isdigit() else args.head
+        if head is not None:
+            getattr(model, "potential", model).head_number(head)  # an unknown head: a clear error now
         reader = registry.get(PluginKind.DATA_SOURCE, args.source).factory
         report = {}
         for path in args.data:
             structures = reader({"path": str(path)}, Path.cwd())
-            acc = evaluate(model, structures, batch_size=args.batch_size, fields=registry.fields)
+            acc = evaluate(model, structures, batch_size=args.batch_size, fields=registry.fields, head=head)
             report[str(path)] = {"n_structures": len(structures), **acc.metrics(),
                                  **{f"{quantity}_count": n for quantity, n in acc.counts.items()}}
             if hasattr(model, "calibration"):  # a UQ head: spread vs error too

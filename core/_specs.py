@@ -69,6 +69,14 @@ class BackboneSpec(_Spec):
     #: not carried over) and the state dict of the :class:`atomforge.Potential`. Used by
     #: ``model.init_from`` and ``atomforge import-model``.
     importer: Callable[[Any], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] | None = None
+    #: ``pretrained(name: str) -> (config, metadata, state_dict)``, optional: a pretrained model
+    #: that ships with the backbone's package (no download), in the importer's format. Used by
+    #: ``model.pretrained: NAME`` (= ``model.init_from: "pretrained:NAME"``) and ``atomforge
+    #: import-model --backbone B pretrained:NAME out.pt``. Unknown names raise ConfigError listing
+    #: ``pretrained_names``.
+    pretrained: Callable[[str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] | None = None
+    #: the names ``pretrained`` accepts (shown by ``atomforge plugins`` and in errors)
+    pretrained_names: tuple[str, ...] = ()
     kind: PluginKind = PluginKind.BACKBONE
 
 

@@ -45,6 +45,7 @@ class SourceConfig:
     source: str = "ase"  # registry name of the data-source plugin
     options: dict[str, Any] = field(default_factory=dict)  # passed to the plugin
     ratio: float | None = None  # share of each epoch drawn from this source (data.train as a list: mixing)
+    head: str | None = None  # the model head (model.heads) this source's structures train and are scored on
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,16 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | float64
     options: dict[str, Any] = field(default_factory=dict)  # other keys: the backbone's options
     init_from: str | None = None  # a model file to start from (fine-tune; see core/finetune.py)
+    heads: tuple[str, ...] | None = None  # readout heads (levels of theory / data sources); null: one
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What a run starting from ``model.init_from`` keeps, refits and trains (docs/finetune.md)."""
+
+    freeze: tuple[str, ...] = ()  # parameter groups (Backbone.parameter_groups) or name patterns not trained
+    lr: dict[str, float] = field(default_factory=dict)  # learning rate per parameter group / pattern
+    reference_energies: Any = "auto"  # auto | keep | refit | {head: keep|refit|{element: eV}} | {element: eV}
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,7 @@ class RunConfig:
     output: Path = Path("runs/train")  # run directory (resolved against the config file)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     uq: UQConfig | None = None  # optional uncertainty head (docs/uq.md)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # freezing, per-group LR, reference energies
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # physics metrics
     engine_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # top-level blocks named like engines
     base_dir: Path = Path(".")  # folder of the config file; data sources resolve paths against it
@@ -176,8 +188,13 @@ class RunConfig:
         data = out["data"]
         mix = data.pop("mix")
         for source in (data["train"], *mix, data.get("valid"), data.get("test")):
-            if source is not None and source.get("ratio") is None:
-                source.pop("ratio", None)
+            for key in ("ratio", "head"):
+                if source is not None and source.get(key) is None:
+                    source.pop(key, None)
+        if out["model"].get("heads") is None:
+            out["model"].pop("heads", None)
+        else:
+            out["model"]["heads"] = list(out["model"]["heads"])
         if mix:
             data["train"] = [data["train"], *mix]
         return out
@@ -251,10 +268,13 @@ def _source(value: Any, base_dir: Path, where: str) -> SourceConfig | None:
     ratio = options.pop("ratio", None)
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0):
         raise ConfigError(f"{where}.ratio: expected a number ≥ 0 (a share of each epoch); got {ratio!r}")
+    head = options.pop("head", None)
+    if head is not None and (not isinstance(head, str) or not head):
+        raise ConfigError(f"{where}.head: expected the name of one of model.heads; got {head!r}")
     for key in ("path", "paths"):
         if key in options:
             options[key] = _resolve_path(options[key], base_dir)
-    return SourceConfig(name, options, None if ratio is None else float(ratio))
+    return SourceConfig(name, options, None if ratio is None else float(ratio), head)
 
 
 def _train_sources(value: Any, base_dir: Path) -> tuple[SourceConfig, ...]:
@@ -368,7 +388,7 @@ def _loss(value: Any) -> tuple[LossTermConfig, ...]:
     return tuple(terms)
 
 
-_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "evaluation")
+_TOP = ("data", "model", "loss", "training", "output", "tracking", "uq", "finetune", "evaluation")
 CONFIG_SECTIONS = _TOP  # the top-level sections; any other key must be an engine's options block
 
 
@@ -399,11 +419,20 @@ def _evaluation(value: Any) -> EvaluationConfig:
 def _model_block(value: Any, base_dir: Path) -> dict[str, Any]:
     """The ``model`` mapping; with ``init_from`` the architecture keys not given come from that file."""
     block = _mapping(value, "model")
+    if block.get("pretrained") is not None:
+        if block.get("init_from") is not None:
+            raise ConfigError("model: give pretrained (a model shipped with the backbone's package) or "
+                              "init_from (a model file), not both")
+        block["init_from"] = f"pretrained:{block.pop('pretrained')}"
+    block.pop("pretrained", None)
     if block.get("init_from") is None:
         block.pop("init_from", None)
         return block
     from .model.finetune import merge_model_config
+    from .model.modelfile import is_pretrained_ref
 
+    if is_pretrained_ref(block["init_from"]):
+        return merge_model_config(block, block["init_from"])
     path = Path(_resolve_path(str(block["init_from"]), base_dir))
     if not path.is_file():
         raise ConfigError(f"model.init_from: model file {str(path)!r} does not exist")
@@ -483,6 +512,11 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     model = dataclasses.replace(model, cutoff=_coerce({"cutoff": model.cutoff}, ModelConfig, "model")["cutoff"])
     if model.dtype not in ("float32", "float64"):
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
+    model = dataclasses.replace(model, heads=_heads(model.heads))
+    for k, source in enumerate((*train_sources, data_config.valid, data_config.test)):
+        if source is not None and source.head is not None and source.head not in (model.heads or ("default",)):
+            raise ConfigError(f"data source {source.source} {source.options.get('path', '')}: head {source.head!r} is "
+                              f"not one of model.heads {list(model.heads or ['default'])}")
     tracking_raw = raw.get("tracking", "mlflow")
     tracking_raw = {"name": tracking_raw} if isinstance(tracking_raw, str) else tracking_raw
     config = RunConfig(
@@ -493,12 +527,44 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
         output=Path(_resolve_path(raw.get("output", "runs/train"), base_dir)),
         tracking=_simple(TrackingConfig, _mapping(tracking_raw, "tracking"), "tracking", open_options=True),
         uq=_uq(raw.get("uq")),
+        finetune=_finetune(raw.get("finetune")),
         evaluation=_evaluation(raw.get("evaluation")),
         engine_blocks={key: dict(value) for key, value in blocks.items()},
         base_dir=base_dir,
     )
     check_ranges(config)
     return config
+
+
+def _heads(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(h, str) and h for h in value) \
+            or len(set(value)) < len(value):
+        raise ConfigError(f"model.heads: expected a list of distinct head names (e.g. [xtb, dft]); got {value!r}")
+    return tuple(value)
+
+
+def _finetune(value: Any) -> FinetuneConfig:
+    data = _mapping(value, "finetune") if value is not None else {}
+    _check_keys(data, _fields_of(FinetuneConfig), "finetune")
+    freeze = data.get("freeze", ())
+    freeze = [freeze] if isinstance(freeze, str) else freeze
+    if not isinstance(freeze, (list, tuple)) or not all(isinstance(f, str) and f for f in freeze):
+        raise ConfigError(f"finetune.freeze: expected a list of parameter groups or name patterns "
+                          f"(e.g. [embedding, interaction.0]); got {freeze!r}")
+    lrs = data.get("lr", {}) or {}
+    if not isinstance(lrs, Mapping) or not all(_finite(v) and v > 0 for v in lrs.values()):
+        raise ConfigError(f"finetune.lr: expected a mapping of parameter group (or pattern) to a learning rate > 0 "
+                          f"(e.g. {{readout: 1.0e-3, embedding: 1.0e-5}}); got {lrs!r}")
+    energies = data.get("reference_energies", "auto")
+    if not (energies in ("auto", "keep", "refit") or isinstance(energies, Mapping)):
+        raise ConfigError(f"finetune.reference_energies: expected auto, keep, refit, a mapping of element to eV, or a "
+                          f"mapping of head to one of those; got {energies!r}")
+    return FinetuneConfig(tuple(freeze), {str(k): float(v) for k, v in lrs.items()},
+                          dict(energies) if isinstance(energies, Mapping) else energies)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -44,6 +44,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge.plugins.painn",
     "atomforge.plugins.transformer",
     "atomforge.plugins.mace",
+    "atomforge.plugins.chgnet_backbone",
+    "atomforge.plugins.sevennet",
     "atomforge.plugins.tensornet",
     "atomforge.plugins.losses",
     "atomforge.plugins.physics_losses",

@@ -177,7 +177,13 @@ class PaiNN(Backbone):
         edge_chunk: outside training, process the message blocks' edges in chunks of this many
             edges with activation checkpointing (bounded memory on large cells): ``"auto"``
             (default), a positive integer, or ``0`` for off. See the module docstring.
+        readout_heads: readout heads (set by atomforge from ``model.heads``): the last readout layer
+            gives one per-atom energy per head; the embedding and interactions are shared.
     """
+
+    supports_heads = True
+    head_parameters = ("readout.2.weight", "readout.2.bias")
+    element_parameters = ("embedding.weight",)
 
     def __init__(
         self,
@@ -189,6 +195,7 @@ class PaiNN(Backbone):
         num_rbf: int = 20,
         activation: str = "silu",
         edge_chunk: int | str | None = "auto",
+        readout_heads: int = 1,
     ) -> None:
         super().__init__(num_elements=num_elements, cutoff=cutoff)
         activations = {"silu": nn.SiLU, "tanh": nn.Tanh}
@@ -202,8 +209,15 @@ class PaiNN(Backbone):
         self.filters = nn.Linear(num_rbf, num_layers * 3 * hidden_channels)
         self.layers = nn.ModuleList(PaiNNInteraction(hidden_channels, act) for _ in range(num_layers))
         self.readout = nn.Sequential(
-            nn.Linear(hidden_channels, hidden_channels // 2), act(), nn.Linear(hidden_channels // 2, 1)
+            nn.Linear(hidden_channels, hidden_channels // 2), act(), nn.Linear(hidden_channels // 2, int(readout_heads))
         )
+        self.num_heads = int(readout_heads)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """``embedding``, ``radial`` (the filter network all interactions share),
+        ``interaction.<k>`` and ``readout``."""
+        return {"embedding": ["embedding"], "radial": ["filters"],
+                **{f"interaction.{k}": [f"layers.{k}"] for k in range(len(self.layers))}, "readout": ["readout"]}
 
     def chunk_size(self, num_edges: int, dtype: torch.dtype) -> int | None:
         """Edges per chunk for a batch of ``num_edges`` edges outside training, or ``None`` when
@@ -234,7 +248,8 @@ class PaiNN(Backbone):
                 s, v = layer(s, v, filters, directions, centre, neighbour)
         else:
             s, v = self._chunked_layers(s, batch, chunk)
-        out = {K.NODE_ENERGY: self.readout(s).squeeze(-1), K.NODE_FEATURES: s}
+        energy = self.readout(s)
+        out = {K.NODE_ENERGY: energy.squeeze(-1) if self.num_heads == 1 else energy, K.NODE_FEATURES: s}
         if v is not None:
             out[K.NODE_VECTORS] = v
         return out

@@ -185,10 +185,16 @@ class TensorNet(Backbone):
         radial_hidden: width of a hidden layer between the radial basis and the per-layer radial
             weights (0, default: one linear map, as PaiNN's filters).
         activation: ``silu`` (default) or ``tanh``.
+        readout_heads: readout heads (set by atomforge from ``model.heads``; the last readout layer
+            gives one per-atom energy per head).
     """
 
+    supports_heads = True
+    head_parameters = ("readout.2.weight", "readout.2.bias")
+    element_parameters = ("embedding.element.weight",)
+
     def __init__(self, *, num_elements: int, cutoff: float, hidden_channels: int = 48, num_layers: int = 2,
-                 num_rbf: int = 16, radial_hidden: int = 0, activation: str = "silu") -> None:
+                 num_rbf: int = 16, radial_hidden: int = 0, activation: str = "silu", readout_heads: int = 1) -> None:
         super().__init__(num_elements=num_elements, cutoff=cutoff)
         activations = {"silu": nn.SiLU, "tanh": nn.Tanh}
         if activation not in activations:
@@ -212,7 +218,14 @@ class TensorNet(Backbone):
         self.out_norm = nn.LayerNorm(3 * hidden_channels)
         self.out = nn.Sequential(nn.Linear(3 * hidden_channels, hidden_channels), act())
         self.readout = nn.Sequential(nn.Linear(hidden_channels, hidden_channels // 2 or 1), act(),
-                                     nn.Linear(hidden_channels // 2 or 1, 1))
+                                     nn.Linear(hidden_channels // 2 or 1, int(readout_heads)))
+        self.num_heads = int(readout_heads)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """``embedding``, ``radial`` (filters shared by the interactions), ``interaction.<k>``, ``readout``."""
+        return {"embedding": ["embedding"], "radial": ["filters"],
+                **{f"interaction.{k}": [f"layers.{k}"] for k in range(len(self.layers))},
+                "readout": ["out_norm", "out", "readout"]}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         lengths = batch[K.EDGE_LENGTHS]
@@ -228,7 +241,8 @@ class TensorNet(Backbone):
             x = layer(x, centre, neighbour, weights.view(-1, 3, f), basis_tensors)
         invariants = torch.cat([x[:, 0] ** 2, (x[:, 1:4] ** 2).sum(1), (x[:, 4:9] ** 2).sum(1)], dim=-1)
         features = self.out(self.out_norm(invariants))
-        return {K.NODE_ENERGY: self.readout(features).squeeze(-1), K.NODE_FEATURES: features}
+        energy = self.readout(features)
+        return {K.NODE_ENERGY: energy.squeeze(-1) if self.num_heads == 1 else energy, K.NODE_FEATURES: features}
 
 
 @hookimpl

@@ -203,7 +203,7 @@ class ShallowEnsemble(UQHead):
             self.needs_loss_outputs = (K.ENERGY_STD, K.FORCES_STD)
         torch.set_rng_state(state)
 
-    def _vector_spread(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _vector_spread(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-atom force std [N] of the vector heads (RMS over components of the heads' spread),
         on detached features: the heads learn the spread (``forces_nll``) without moving the
         model. Rotation invariant: the spread is summed over the 3 components."""
@@ -211,7 +211,8 @@ class ShallowEnsemble(UQHead):
             raise ConfigError("shallow_ensemble force_spread: vector needs a backbone that returns "
                               "keys.NODE_VECTORS (equivariant vector features, e.g. painn)")
         heads = self.vector_heads(out[K.NODE_VECTORS].detach())  # [N, 3, K]
-        heads = heads * self.potential.scale.to(heads.dtype)
+        scale = self.potential.atom_scale(batch, heads.dtype)
+        heads = heads * (scale.reshape(-1, 1, 1) if scale.dim() else scale)
         return heads.var(-1, unbiased=False).mean(-1).clamp_min(0).sqrt()
 
     def predict(self, batch, *, compute_forces, compute_stress):  # noqa: ANN001, ANN201
@@ -220,7 +221,8 @@ class ShallowEnsemble(UQHead):
         out = self.potential.energy_outputs(batch, positions, strain)
         if K.NODE_FEATURES not in out:
             raise ConfigError("shallow_ensemble needs a backbone that returns keys.NODE_FEATURES")
-        offsets = self.heads(out[K.NODE_FEATURES]) * self.potential.scale.to(out[K.ENERGY].dtype)  # [N, K]
+        scale = self.potential.atom_scale(batch, out[K.ENERGY].dtype)
+        offsets = self.heads(out[K.NODE_FEATURES]) * (scale.unsqueeze(-1) if scale.dim() else scale)  # [N, K]
         node = out[K.NODE_ENERGY].unsqueeze(-1) + offsets
         energies = scatter_sum(node, batch[K.BATCH], int(batch[K.N_ATOMS].shape[0])).T  # [K, B]
         members = not self.training and gradient and self.force_spread == "gradient"
@@ -233,7 +235,7 @@ class ShallowEnsemble(UQHead):
             results = member_statistics({K.ENERGY: energies, K.NODE_ENERGY: node.T})
             results.update(energy_derivatives(results[K.ENERGY], batch, wrt, strain, create_graph=self.training))
             if self.force_spread == "vector" and compute_forces:
-                results[K.FORCES_STD] = self._vector_spread(out)
+                results[K.FORCES_STD] = self._vector_spread(out, batch)
             elif not self.training and gradient:
                 results[K.FORCES_STD] = offsets.std(-1, unbiased=False)
         if compute_forces and K.DIRECT_FORCES in out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from ase.build import molecule
@@ -63,16 +64,39 @@ def test_model_keys_that_contradict_the_file_are_refused(cu_files, base_model, t
         config_from_dict(_finetune_raw(cu_files, tmp_path / "ft", tmp_path / "legacy.pt"))
 
 
-def test_new_elements_are_refused(registry, cu_files, base_model, tmp_path) -> None:
+def test_new_elements_get_embedding_rows_and_reference_energies(registry, cu_files, base_model, tmp_path) -> None:
+    """A Cu model fine-tuned on water: H and O rows are added (started at the mean known row),
+    their reference energies fitted, Cu's weights and reference energy kept."""
     path, _ = base_model
     water = molecule("H2O")
     water.center(vacuum=3.0)
     data = tmp_path / "water.extxyz"
-    write(data, [emt_label(water.copy()) for _ in range(4)])
+    frames = []
+    for k in range(6):
+        frame = water.copy()
+        frame.positions += np.random.default_rng(k).normal(0, 0.03, frame.positions.shape)
+        frames.append(emt_label(frame))
+    write(data, frames)
     raw = _finetune_raw(cu_files, tmp_path / "ft", path)
     raw["data"] = {"train": str(data), "valid_fraction": 0.25}
-    with pytest.raises(DataValidationError, match=r"Z=\[1, 8\] that this model has no weights for"):
-        train(config_from_dict(raw), registry, verbose=False)
+    outcome = train(config_from_dict(raw), registry, verbose=False)
+    before, after = load_model(path), load_model(outcome.model_path)
+    assert after.elements == [1, 8, 29]
+    embedding = after.backbone.embedding.weight
+    assert torch.equal(embedding[2], before.backbone.embedding.weight[0])  # Cu's row kept
+    assert torch.allclose(embedding[0], before.backbone.embedding.weight.mean(0))  # new: the mean row
+    assert float(after.atomic_energies[0, 2]) == float(before.atomic_energies[0, 0])
+    residual = [f.get_potential_energy() - _energy(after, f) for f in frames]
+    assert abs(np.mean(residual)) < 0.1  # H and O reference energies fitted (on the training part)
+    assert float(after.atomic_energies[0, 0]) != 0.0
+
+
+def _energy(model, atoms):
+    from atomforge import AtomforgeCalculator
+
+    work = atoms.copy()
+    work.calc = AtomforgeCalculator(model)
+    return work.get_potential_energy()
 
 
 def test_deep_ensemble_members_start_from_the_files_members(registry, cu_files, tmp_path) -> None:

@@ -10,7 +10,7 @@ from ase import Atoms
 
 from ..data.fields import FieldTable
 from ..data.graph import GraphDataset, iterate_batches
-from ..model.potential import Potential, check_finite_outputs
+from ..model.potential import Potential, check_finite_outputs, with_head
 from .metrics import ErrorAccumulator, UQAccumulator
 
 __all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_dataset", "predicted_batches", "model_dtype",
@@ -37,14 +37,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def predicted_batches(model: torch.nn.Module, dataset: GraphDataset, batch_size: int, *,
-                      compute_stress: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+                      compute_stress: bool = False,
+                      head: str | int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """``(batch, outputs)`` for every batch of ``dataset`` (eval mode, on the model's device;
-    outputs detached)."""
+    outputs detached); ``head``: a multi-head model's readout for every structure."""
     model.eval()
     device = model_device(model)
     for start, batch in zip(range(0, len(dataset), batch_size), iterate_batches(dataset, batch_size)):
         if device.type != "cpu":
             batch = {k: v.to(device) for k, v in batch.items()}
+        batch = with_head(model, batch, head)
         outputs = model(batch, compute_forces=True, compute_stress=compute_stress)
         check_finite_outputs(outputs, batch, first_index=start)  # structures named by their index in the data
         yield batch, {k: v.detach() for k, v in outputs.items()}
@@ -52,14 +54,15 @@ def predicted_batches(model: torch.nn.Module, dataset: GraphDataset, batch_size:
 
 def evaluate(
     model: Potential, structures: Sequence[Atoms] | GraphDataset, *, batch_size: int = 32,
-    fields: FieldTable | None = None,
+    fields: FieldTable | None = None, head: str | int | None = None,
 ) -> ErrorAccumulator:
     """Predict every structure (on the model's device) and accumulate errors against the labels
-    it carries."""
+    it carries; ``head`` scores every structure on that head of a multi-head model (default:
+    each structure's own fidelity)."""
     dataset = as_dataset(model, structures, fields)
     acc = ErrorAccumulator()
     want_stress = all(bool(np.all(a.pbc)) for a in dataset.structures)
-    for batch, outputs in predicted_batches(model, dataset, batch_size, compute_stress=want_stress):
+    for batch, outputs in predicted_batches(model, dataset, batch_size, compute_stress=want_stress, head=head):
         acc.add(batch, outputs)
     return acc
 

@@ -59,21 +59,32 @@ class StoreStructures(Sequence[Atoms]):
     """Structures of a store as a lazy sequence (what the ``store`` data source returns):
     training streams them (:class:`StoreDataset`); anything else may index or list them."""
 
-    def __init__(self, store: StructureStore, indices: np.ndarray | None = None) -> None:
+    def __init__(self, store: StructureStore, indices: np.ndarray | None = None,
+                 info: dict[str, Any] | None = None) -> None:
         self.store = store
         self.indices = np.arange(len(store), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+        self.info = dict(info or {})  # set on every structure read (e.g. the fidelity of a source's head)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _read(self, index: int) -> Atoms:
+        atoms = self.store.get(index)
+        atoms.info.update(self.info)
+        return atoms
+
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
-            return [self.store.get(int(i)) for i in self.indices[k]]
-        return self.store.get(int(self.indices[k]))
+            return [self._read(int(i)) for i in self.indices[k]]
+        return self._read(int(self.indices[k]))
 
     def take(self, positions: np.ndarray | Sequence[int]) -> "StoreStructures":
         """The structures at ``positions`` of this sequence (no structure is read)."""
-        return StoreStructures(self.store, self.indices[np.asarray(positions, dtype=np.int64)])
+        return StoreStructures(self.store, self.indices[np.asarray(positions, dtype=np.int64)], self.info)
+
+    def with_info(self, info: dict[str, Any]) -> "StoreStructures":
+        """The same structures with ``info`` set on each when read."""
+        return StoreStructures(self.store, self.indices, {**self.info, **info})
 
 
 class StoreDataset:
@@ -89,8 +100,9 @@ class StoreDataset:
     def __init__(self, store: StructureStore | str | os.PathLike, cutoff: float, *, dtype: torch.dtype = torch.float32,
                  require: Sequence[str] = (), source: str = "", fields: FieldTable | None = None,
                  indices: np.ndarray | Sequence[int] | None = None, workers: int = 0, prefetch: int = 4,
-                 cache_gb: float = 0.0) -> None:
+                 cache_gb: float = 0.0, info: dict[str, Any] | None = None) -> None:
         self.store = store if isinstance(store, StructureStore) else StructureStore(store)
+        self.info = dict(info or {})  # set on every structure read (a source's head)
         self.indices = (np.arange(len(self.store), dtype=np.int64) if indices is None
                         else np.asarray(indices, dtype=np.int64))
         if len(self.indices) == 0:
@@ -127,7 +139,9 @@ class StoreDataset:
 
     def structure(self, k: int) -> Atoms:
         """The ``k``-th structure of this dataset (store index ``indices[k]``)."""
-        return self.store.get(int(self.indices[k]))
+        atoms = self.store.get(int(self.indices[k]))
+        atoms.info.update(self.info)
+        return atoms
 
     def graph(self, k: int) -> Batch:
         """The ``k``-th structure's graph (read, validated, neighbour list built now — or kept
@@ -149,7 +163,7 @@ class StoreDataset:
 
     def _build(self, k: int) -> Batch:
         index = int(self.indices[k])
-        atoms = self.store.get(index)
+        atoms = self.structure(k)
         labels = validate_structure(atoms, require=self.require, index=index, source=self.source)
         return atoms_to_graph(atoms, self.cutoff, dtype=self.dtype, labels=labels,
                               where=f"structure {index} of {self.source}", fields=self.fields)
@@ -190,7 +204,8 @@ class StoreDataset:
         return StoreDataset(self.store, self.cutoff, dtype=self.dtype, require=self.require,
                             source=source or self.source, fields=self.fields,
                             indices=self.indices[np.asarray(positions, dtype=np.int64)],
-                            workers=self.workers, prefetch=self.prefetch, cache_gb=self.cache_bytes / 2**30)
+                            workers=self.workers, prefetch=self.prefetch, cache_gb=self.cache_bytes / 2**30,
+                            info=self.info)
 
     def batches(self, plan: Sequence[Sequence[int]]) -> Iterator[Batch]:
         """Collated batches of ``plan`` (lists of positions in this dataset), in order: in

@@ -19,7 +19,7 @@ from ..data.graph import atoms_to_graph
 from ..data.structures import check_geometry
 from ..devices import resolve_device
 from ..exploration.flagging import UncertaintyFlagger
-from .potential import Potential, check_finite_outputs
+from .potential import Potential, check_finite_outputs, with_head
 
 __all__ = ["AtomforgeCalculator", "UNCERTAINTY_PROPERTIES", "load_calculator"]
 
@@ -56,9 +56,13 @@ class AtomforgeCalculator(Calculator):
         flag_uncertain: float | None = None,
         candidates: str | Path | None = None,
         fields: FieldTable | None = None,
+        head: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if head is not None:
+            getattr(model, "potential", model).head_number(head)  # an unknown head fails here
+        self.head = head  # a multi-head model's readout for every structure (None: atoms.info['fidelity'])
         model = copy.deepcopy(model).eval()
         if dtype is not None:
             model = model.to(dtype)
@@ -81,7 +85,7 @@ class AtomforgeCalculator(Calculator):
         super().calculate(atoms, properties or ["energy"], system_changes)
         check_geometry(self.atoms)
         graph = atoms_to_graph(self.atoms, self.model.cutoff, dtype=self.dtype, fields=self.fields)
-        batch = {k: v.to(self.device) for k, v in collate([graph], self.fields).items()}
+        batch = with_head(self.model, {k: v.to(self.device) for k, v in collate([graph], self.fields).items()}, self.head)
         want_stress = bool(np.all(self.atoms.pbc))
         out = self.model(batch, compute_forces=True, compute_stress=want_stress)
         check_finite_outputs(out, batch, where=f"{len(self.atoms)}-atom {self.atoms.get_chemical_formula()}")
@@ -127,10 +131,10 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def load_calculator(
     path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, registry: Any = None,
-    flag_uncertain: float | None = None, candidates: str | Path | None = None,
+    flag_uncertain: float | None = None, candidates: str | Path | None = None, head: str | int | None = None,
 ) -> AtomforgeCalculator:
     """An ASE calculator for the model file at ``path``, on ``device`` (``cpu``, ``cuda``,
-    ``cuda:N`` or ``auto``).
+    ``cuda:N`` or ``auto``); ``head``: a multi-head model's readout for every structure.
 
     ``flag_uncertain`` (eV/Å) and ``candidates`` (extxyz path) switch on flagging (see
     :class:`AtomforgeCalculator`); flagged frames record the model file as ``info['source']``.
@@ -140,7 +144,8 @@ def load_calculator(
 
     registry = registry or make_registry()
     calculator = AtomforgeCalculator(load_model(path, registry=registry), device=device, dtype=dtype,
-                                     flag_uncertain=flag_uncertain, candidates=candidates, fields=registry.fields)
+                                     flag_uncertain=flag_uncertain, candidates=candidates, fields=registry.fields,
+                                     head=head)
     if calculator.flagger is not None:
         calculator.flagger.source = str(Path(path).resolve())
     return calculator

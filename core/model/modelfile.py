@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._errors import ForeignModelFileError, ModelFileError, PluginError
+from .._errors import ConfigError, ForeignModelFileError, ModelFileError, PluginError
 from .._io import atomic_save
 from .._specs import PluginKind
 from ..registry import Registry, make_registry
@@ -33,9 +33,16 @@ VERSION = 2  # 2: content hash (sha256) in the header; version-1 files load with
 def build_potential(config: Mapping[str, Any], registry: Registry) -> Potential:
     """Build an (untrained) :class:`Potential` from a model-file config dict."""
     provided = registry.provided(PluginKind.BACKBONE, config["backbone"])
+    heads = list(config.get("heads") or ["default"])
+    options = dict(config.get("options", {}))
+    if len(heads) > 1:
+        if not getattr(provided.spec.factory, "supports_heads", False):
+            raise ConfigError(f"model.heads {heads}: backbone {config['backbone']!r} has no per-head readouts "
+                              "(Backbone.supports_heads); use one head, or a backbone that has them (painn)")
+        options["readout_heads"] = len(heads)
     try:
         backbone = provided.spec.factory(
-            num_elements=len(config["elements"]), cutoff=float(config["cutoff"]), **config.get("options", {})
+            num_elements=len(config["elements"]), cutoff=float(config["cutoff"]), **options
         )
     except TypeError as error:
         raise PluginError(
@@ -48,6 +55,7 @@ def build_potential(config: Mapping[str, Any], registry: Registry) -> Potential:
         atomic_energies=config["atomic_energies"],
         scale=config["scale"],
         shift=config["shift"],
+        heads=heads,
     )
     return potential.to(getattr(torch, config.get("dtype", "float32")))
 
@@ -115,11 +123,21 @@ def check_model_config(config: Any, path: Path) -> dict[str, Any]:
         if not isinstance(elements, list) or not elements or not all(
                 isinstance(z, int) and 0 < z < 119 for z in elements):
             problems.append(f"elements must be a non-empty list of atomic numbers, got {elements!r}")
-        elif not isinstance(energies, list) or len(energies) != len(elements):
-            problems.append(f"atomic_energies must have one entry per element ({len(elements)}), got {energies!r}")
+        heads = config.get("heads") or ["default"]
+        if not isinstance(heads, list) or not all(isinstance(h, str) and h for h in heads) or len(set(heads)) < len(heads):
+            problems.append(f"heads must be a list of distinct names, got {heads!r}")
+            heads = ["default"]
+        rows = energies if len(heads) > 1 else [energies]
+        if isinstance(elements, list) and (not isinstance(energies, list) or len(rows) != len(heads) or any(
+                not isinstance(r, list) or len(r) != len(elements) for r in rows)):
+            problems.append(f"atomic_energies must have one entry per element ({len(elements)})"
+                            + (f" for each of {len(heads)} heads" if len(heads) > 1 else "") + f", got {energies!r}")
         for key in ("scale", "shift"):
-            if not isinstance(config[key], (int, float)) or not math.isfinite(config[key]):
-                problems.append(f"{key} must be a finite number, got {config[key]!r}")
+            values = config[key] if len(heads) > 1 and isinstance(config[key], list) else [config[key]]
+            if len(heads) > 1 and len(values) != len(heads) or not all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                problems.append(f"{key} must be a finite number (a list of one per head with several heads), "
+                                f"got {config[key]!r}")
         if config.get("dtype", "float32") not in ("float32", "float64"):
             problems.append(f"dtype must be float32 or float64, got {config.get('dtype')!r}")
     if problems:
@@ -173,8 +191,11 @@ def read_or_import_model_file(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """:func:`read_model_file`, or — for a file of another package (a MACE ``.model``) when
     ``backbone`` names a backbone plugin with an ``importer`` — that importer's translation:
-    (config, metadata, state dict of the Potential). Any other failure is the usual
+    (config, metadata, state dict of the Potential); ``pretrained:NAME`` is the backbone
+    plugin's shipped pretrained model ``NAME``. Any other failure is the usual
     :class:`ModelFileError`."""
+    if is_pretrained_ref(path):
+        return _pretrained(str(path)[len(PRETRAINED_PREFIX):], backbone, registry)
     try:
         return read_model_file(path, mmap=mmap)
     except ForeignModelFileError as error:
@@ -192,6 +213,36 @@ def read_or_import_model_file(
         config = check_model_config(dict(config), Path(path))
         config.setdefault("provider", provided.distribution)
         return config, dict(metadata), dict(state)
+
+
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def is_pretrained_ref(path: Any) -> bool:
+    """Whether ``path`` names a shipped pretrained model (``pretrained:NAME``), not a file."""
+    return isinstance(path, (str, Path)) and str(path).startswith(PRETRAINED_PREFIX)
+
+
+def _pretrained(name: str, backbone: str | None,
+                registry: Registry | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    registry = registry or make_registry()
+    if backbone is None:
+        raise ConfigError(f"pretrained model {name!r}: name the backbone whose package ships it "
+                          "(model.backbone, e.g. sevennet)")
+    if backbone not in registry.names(PluginKind.BACKBONE):
+        raise ConfigError(f"pretrained model {name!r}: backbone {backbone!r} is not installed; installed: "
+                          f"{', '.join(registry.names(PluginKind.BACKBONE))}")
+    provided = registry.provided(PluginKind.BACKBONE, backbone)
+    if provided.spec.pretrained is None:
+        raise ConfigError(f"backbone {backbone!r} (from {provided.distribution}) ships no pretrained models; "
+                          "give model.init_from a model file instead")
+    if provided.spec.pretrained_names and name not in provided.spec.pretrained_names:
+        raise ConfigError(f"backbone {backbone!r} has no pretrained model {name!r}; it ships "
+                          f"{', '.join(provided.spec.pretrained_names)}")
+    config, metadata, state = provided.spec.pretrained(name)
+    config = check_model_config(dict(config), Path(f"{PRETRAINED_PREFIX}{name}"))
+    config.setdefault("provider", provided.distribution)
+    return config, {**dict(metadata), "pretrained": name}, dict(state)
 
 
 def import_model(path: Path | str, backbone: str, out: Path | str, registry: Registry | None = None) -> Path:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .. import keys as K
-from .._errors import ModelOutputError, UnseenElementError
+from .._errors import ConfigError, ModelOutputError, UnseenElementError
 
 __all__ = [
-    "Backbone", "Potential", "differentiable_inputs", "energy_derivatives", "fit_normalization",
+    "Backbone", "Potential", "with_head", "differentiable_inputs", "energy_derivatives", "fit_normalization",
     "scatter_sum", "check_finite_outputs",
 ]
 
@@ -42,6 +42,15 @@ class Backbone(nn.Module):
     """
 
     direct_forces: bool = False
+    #: whether the backbone takes ``readout_heads`` and then returns NODE_ENERGY [N, heads] (one
+    #: readout per head; the Potential picks each atom's column from the structure's fidelity)
+    supports_heads: bool = False
+    #: parameters (names relative to the backbone) whose first axis is the head axis; fine-tuning
+    #: maps their rows from the file's heads to the run's heads (a new head copies an old one)
+    head_parameters: tuple[str, ...] = ()
+    #: parameters whose first axis is the element axis (per-element embeddings); fine-tuning with
+    #: new elements maps their rows by atomic number and starts a new element at the mean row
+    element_parameters: tuple[str, ...] = ()
     #: whether ``forward`` runs under ``torch.func.vmap`` (no in-place writes into tensors created
     #: inside it from batched inputs); the deep ensemble's vectorised evaluation needs it
     vmap_safe: bool = True
@@ -51,28 +60,88 @@ class Backbone(nn.Module):
         self.num_elements = int(num_elements)
         self.cutoff = float(cutoff)
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameters for fine-tuning (``finetune.freeze``, ``finetune.lr``):
+        group name → prefixes of parameter names (as in ``named_parameters()`` of this module),
+        in forward order. Conventional names: ``embedding`` (per-element embeddings),
+        ``interaction.<k>`` (the k-th message-passing block, from 0), ``readout`` (what turns
+        features into energies). Default: one group per child module, under its attribute name."""
+        return {name: [name] for name, child in self.named_children() if any(True for _ in child.parameters())}
+
 
 class Potential(nn.Module):
-    """Composition baseline + scale/shift + backbone; forces and stress from one wrapper."""
+    """Composition baseline + scale/shift + backbone; forces and stress from one wrapper.
+
+    With several ``heads`` (one readout per level of theory or data source) each head has its
+    own reference energies (``atomic_energies`` [H, elements]), scale and shift ([H]); a
+    structure's head is its ``fidelity`` index (``batch[K.FIDELITY]``, 0 when absent), and the
+    backbone (``supports_heads``) returns one per-atom energy column per head.
+    """
 
     def __init__(
         self,
         backbone: Backbone,
         *,
         elements: Sequence[int],
-        atomic_energies: Sequence[float],
-        scale: float = 1.0,
-        shift: float = 0.0,
+        atomic_energies: Sequence[float] | Sequence[Sequence[float]],
+        scale: float | Sequence[float] = 1.0,
+        shift: float | Sequence[float] = 0.0,
+        heads: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.elements = [int(z) for z in elements]
+        self.heads = [str(h) for h in heads] if heads else ["default"]
         z_to_index = torch.full((_MAX_Z,), -1, dtype=torch.long)
         z_to_index[torch.tensor(self.elements)] = torch.arange(len(self.elements))
         self.register_buffer("z_to_index", z_to_index)
-        self.register_buffer("atomic_energies", torch.tensor(list(atomic_energies), dtype=torch.float64))
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
-        self.register_buffer("shift", torch.tensor(float(shift), dtype=torch.float64))
+        h = len(self.heads)
+        energies = torch.as_tensor(np.asarray(atomic_energies, dtype=np.float64)).reshape(-1, len(self.elements))
+        self.register_buffer("atomic_energies", energies.expand(h, -1).clone() if len(energies) == 1 else energies)
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float64)).reshape(-1).expand(h).clone())
+        self.register_buffer("shift", torch.as_tensor(np.asarray(shift, dtype=np.float64)).reshape(-1).expand(h).clone())
+        if self.atomic_energies.shape[0] != h:
+            raise ValueError(f"atomic_energies has {self.atomic_energies.shape[0]} rows for {h} heads")
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # model files written before heads existed hold [elements] and scalar buffers: head 0
+        for name, dims in (("atomic_energies", 2), ("scale", 1), ("shift", 1)):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dim() == dims - 1:
+                state_dict[prefix + name] = value.reshape(1, *value.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def head_number(self, head: str | int) -> int:
+        """The index of ``head`` (a name of :attr:`heads` or an index), with a clear error."""
+        if isinstance(head, str) and head in self.heads:
+            return self.heads.index(head)
+        if isinstance(head, int) and not isinstance(head, bool) and 0 <= head < self.num_heads:
+            return head
+        raise ConfigError(f"head {head!r}: this model's heads are {self.heads} (give a name or an index)")
+
+    def head_index(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each structure's head [B] (its fidelity), checked against the heads; ``None`` with one head."""
+        if self.num_heads == 1:
+            return None
+        n = int(batch[K.N_ATOMS].shape[0])
+        head = batch.get(K.FIDELITY)
+        if head is None:
+            return torch.zeros(n, dtype=torch.long, device=batch[K.N_ATOMS].device)
+        if bool(((head < 0) | (head >= self.num_heads)).any()):
+            bad = sorted(set(head[(head < 0) | (head >= self.num_heads)].tolist()))
+            raise ModelOutputError(
+                f"structure(s) with fidelity {bad}: this model's heads are {dict(enumerate(self.heads))}; "
+                "set atoms.info['fidelity'] (or the data source's head:) to one of them")
+        return head
+
+    def atom_scale(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The scale of each atom's head ([N], or a scalar with one head)."""
+        head = self.head_index(batch)
+        return self.scale[0].to(dtype) if head is None else self.scale.to(dtype)[head[batch[K.BATCH]]]
 
     @property
     def cutoff(self) -> float:
@@ -85,7 +154,8 @@ class Potential(nn.Module):
             unseen = sorted(set(numbers[index < 0].tolist()))
             raise UnseenElementError(
                 f"the structure contains element(s) Z={unseen} that the model was never trained on; "
-                f"it knows Z={self.elements}. Retrain or fine-tune with data containing them."
+                f"it knows Z={self.elements}. Fine-tune it (model.init_from) on data containing them: new "
+                "elements are added (docs/finetune.md)."
             )
         return index
 
@@ -124,14 +194,18 @@ class Potential(nn.Module):
             cell = cell + torch.bmm(cell, symmetric)
         inputs = self._with_edges(batch, positions, cell)
         out = self.backbone(inputs)
-        node_energy = self._node_energy(out[K.NODE_ENERGY], inputs[K.ELEMENT_INDEX])
+        head = self.head_index(batch)
+        node_energy = self._node_energy(out[K.NODE_ENERGY], inputs[K.ELEMENT_INDEX],
+                                        None if head is None else head[batch[K.BATCH]])
         energy = scatter_sum(node_energy, batch[K.BATCH], int(batch[K.N_ATOMS].shape[0]))
         results = {K.ENERGY: energy, K.NODE_ENERGY: node_energy}
         for key in (K.NODE_FEATURES, K.NODE_VECTORS):  # latent features, for UQ heads
             if key in out:
                 results[key] = out[key]
         if self.backbone.direct_forces and K.DIRECT_FORCES in out:
-            results[K.DIRECT_FORCES] = out[K.DIRECT_FORCES] * self.scale.to(out[K.DIRECT_FORCES].dtype)
+            forces = out[K.DIRECT_FORCES]
+            scale = self.scale.to(forces.dtype)[0] if head is None else self.scale.to(forces.dtype)[head[batch[K.BATCH]]].unsqueeze(-1)
+            results[K.DIRECT_FORCES] = forces * scale
         return results
 
     def _with_edges(
@@ -148,10 +222,26 @@ class Potential(nn.Module):
         inputs[K.ELEMENT_INDEX] = self.element_index(batch[K.NUMBERS])
         return inputs
 
-    def _node_energy(self, raw: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+    def _node_energy(self, raw: torch.Tensor, element_index: torch.Tensor,
+                     atom_head: torch.Tensor | None = None) -> torch.Tensor:
         dtype = raw.dtype
-        baseline = self.atomic_energies.to(dtype)[element_index]
-        return raw * self.scale.to(dtype) + self.shift.to(dtype) + baseline
+        if atom_head is None:  # one head (a multi-head backbone's first column)
+            raw = raw[:, 0] if raw.dim() == 2 else raw
+            return raw * self.scale.to(dtype)[0] + self.shift.to(dtype)[0] + self.atomic_energies.to(dtype)[0][element_index]
+        if raw.dim() == 2:
+            raw = raw.gather(1, atom_head.unsqueeze(1)).squeeze(1)
+        baseline = self.atomic_energies.to(dtype)[atom_head, element_index]
+        return raw * self.scale.to(dtype)[atom_head] + self.shift.to(dtype)[atom_head] + baseline
+
+
+def with_head(model: nn.Module, batch: dict[str, torch.Tensor], head: str | int | None) -> dict[str, torch.Tensor]:
+    """``batch`` with every structure on ``head`` of ``model`` (a Potential or a UQ head around
+    one); ``None`` leaves each structure's own fidelity."""
+    if head is None:
+        return batch
+    number = getattr(model, "potential", model).head_number(head)
+    n = batch[K.N_ATOMS].shape[0]
+    return {**batch, K.FIDELITY: torch.full((n,), number, dtype=torch.long, device=batch[K.N_ATOMS].device)}
 
 
 def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

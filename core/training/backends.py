@@ -230,8 +230,14 @@ class TorchBackend:
     def export(self, tensors: Sequence[torch.Tensor] | None) -> nn.Module:
         model = copy.deepcopy(self.model)
         if tensors is not None:
+            targets = _averaged_tensors(model)
+            if len(targets) != len(tensors) or any(t.shape != s.shape for t, s in zip(targets, tensors)):
+                raise RuntimeError(
+                    f"export: the deep copy of the model has {len(targets)} weight tensors where training has "
+                    f"{len(tensors)} (or other shapes): the backbone does not deep-copy faithfully (e3nn ≥ 0.5 "
+                    "code-generated modules need a __deepcopy__; see plugins/sevennet.py)")
             with torch.no_grad():
-                for dst, src in zip(_averaged_tensors(model), tensors):
+                for dst, src in zip(targets, tensors):
                     dst.copy_(src)
         for parameter in model.parameters():
             parameter.grad = None

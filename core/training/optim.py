@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -13,16 +13,21 @@ SCHEDULERS = ("plateau", "cosine", "cosine_time", "exponential", "none")
 
 
 def make_optimizer(
-    model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, amsgrad: bool = True
+    model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, amsgrad: bool = True,
+    lrs: Mapping[str, float | None] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases, norms and embeddings."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases, norms and embeddings. ``lrs`` (parameter name →
+    learning rate, ``None`` for ``lr``; see :func:`atomforge.model.finetune.parameter_lrs`)
+    gives parameter groups their own rates; parameters missing from it are not trained."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or (lrs is not None and name not in lrs):
             continue
-        (no_decay if param.ndim <= 1 or "embedding" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, amsgrad=amsgrad)
+        rate = lr if lrs is None or lrs[name] is None else float(lrs[name])  # type: ignore[arg-type]
+        groups.setdefault((rate, param.ndim <= 1 or "embedding" in name), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != lr, item[0][0], item[0][1]))
+    return torch.optim.AdamW([{"params": params, "lr": rate, "weight_decay": 0.0 if no_decay else weight_decay}
+                              for (rate, no_decay), params in ordered], lr=lr, amsgrad=amsgrad)
 
 
 class TimeCosineLR:

@@ -33,7 +33,8 @@ from ..data.streaming import (MixedDataset, StoreDataset, StoreStructures, add_s
                               normalization_sums)
 from ..data.structures import get_labels
 from ..devices import resolve_device
-from ..model.finetune import InitialModel, read_initial_model
+from ..model.finetune import (InitialModel, fit_reference_energies, parameter_lrs, read_initial_model,
+                              reference_energy_plan)
 from ..model.modelfile import build_potential, save_model
 from ..model.potential import Potential, fit_normalization
 from ..model.uncertainty import UQFitContext, UQHead, build_uq_head
@@ -64,15 +65,24 @@ class TrainOutcome:
     epochs: int
 
 
-def load_source(registry: Registry, source: SourceConfig, base_dir: Path) -> Sequence[Atoms]:
+def load_source(registry: Registry, source: SourceConfig, base_dir: Path,
+                heads: Sequence[str] | None = None) -> Sequence[Atoms]:
     """Read structures through a data-source plugin (a store's are a lazy
-    :class:`~atomforge.data.streaming.StoreStructures`: nothing is read yet)."""
+    :class:`~atomforge.data.streaming.StoreStructures`: nothing is read yet). A source with a
+    ``head`` sets each structure's fidelity to that head's index in ``heads`` (model.heads)."""
     spec = registry.get(PluginKind.DATA_SOURCE, source.source)
     structures = spec.factory(dict(source.options), base_dir)
     if not isinstance(structures, StoreStructures):
         structures = list(structures)
     if len(structures) == 0:
         raise DataValidationError(f"data source {source.source!r} {source.options} gave no structures")
+    if source.head is not None:
+        index = list(heads or ["default"]).index(source.head)
+        if isinstance(structures, StoreStructures):
+            structures = structures.with_info({K.FIDELITY: index})
+        else:
+            for atoms in structures:
+                atoms.info[K.FIDELITY] = index
     return structures
 
 
@@ -149,7 +159,7 @@ def _as_dataset(config: RunConfig, registry: Registry, structures: Sequence[Atom
         loader = config.data.loader
         return StoreDataset(structures.store, cutoff, dtype=dtype, require=require, source=source, fields=fields,
                             indices=structures.indices, workers=loader.workers, prefetch=loader.prefetch,
-                            cache_gb=loader.cache_gb)
+                            cache_gb=loader.cache_gb, info=structures.info)
     return GraphDataset(list(structures), cutoff, dtype=dtype, require=require, source=source, fields=fields)
 
 
@@ -159,20 +169,20 @@ def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> 
     names = ["data.train"] if not data.mix else [f"data.train[{k}]" for k in range(len(sources))]
     trains, valids = [], []
     for name, source in zip(names, sources):
-        structures = load_source(registry, source, base)
+        structures = load_source(registry, source, base, config.model.heads)
         if data.valid is None:
             structures, held_out = _split(structures, data.valid_fraction, config.training.seed)
             valids.append(_as_dataset(config, registry, held_out, require, f"{name} (validation part)"))
         trains.append(_as_dataset(config, registry, structures, require, name))
     if data.valid is not None:
-        valids = [_as_dataset(config, registry, load_source(registry, data.valid, base), require, "data.valid")]
+        valids = [_as_dataset(config, registry, load_source(registry, data.valid, base, config.model.heads), require, "data.valid")]
     sets = {
         "train": trains[0] if not data.mix else MixedDataset(trains, [s.ratio or 0.0 for s in sources],
                                                              epoch_size=data.epoch_size),
         "valid": valids[0] if len(valids) == 1 else MixedDataset(valids, [len(v) for v in valids], source="data.valid"),
     }
     if data.test is not None:
-        sets["test"] = _as_dataset(config, registry, load_source(registry, data.test, base), (), "data.test")
+        sets["test"] = _as_dataset(config, registry, load_source(registry, data.test, base, config.model.heads), (), "data.test")
     _check_elements(sets)
     return sets
 
@@ -216,7 +226,7 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
         except Exception as error:  # noqa: BLE001 - a plugin's failure, named
             raise PluginError(f"backbone {config.model.backbone!r} (from {provided.distribution}) failed to fit its "
                               f"options to the training data: {type(error).__name__}: {error}") from error
-    return {
+    spec = {
         "backbone": config.model.backbone,
         "provider": provided.distribution,
         "cutoff": config.model.cutoff,
@@ -227,6 +237,12 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
         "scale": scale,
         "shift": shift,
     }
+    heads = list(config.model.heads or [])
+    if heads and heads != ["default"]:  # each head's reference energies are fitted once the model is built
+        h = len(heads)
+        spec.update(heads=heads, atomic_energies=[list(spec["atomic_energies"])] * h if h > 1 else spec["atomic_energies"],
+                    scale=[scale] * h if h > 1 else scale, shift=[shift] * h if h > 1 else shift)
+    return spec
 
 
 class ProgressBar:
@@ -365,13 +381,20 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     sets = _datasets(config, registry, getattr(loss, "required_of_every_structure", loss.requires))
     torch.manual_seed(config.training.seed)
     initial = _initial_model(config, registry, sets["train"])
-    spec = model_spec(config, registry, sets["train"]) if initial is None else dict(initial.spec)
+    spec = (model_spec(config, registry, sets["train"]) if initial is None
+            else initial.run_spec(config.model.heads, sets["train"].numbers().tolist()))
     model = wrap_for_training(build_potential(spec, registry), config.uq, registry, loss.outputs)
-    if initial is not None and not resume:  # a resumed run's checkpoint holds newer weights
-        fresh = initial.load_into(model)
-        if verbose:
+    if not resume:  # a resumed run's checkpoint holds newer weights and reference energies
+        fresh = initial.load_into(model) if initial is not None else []
+        fitted = _reference_energies(config, model, initial, sets["train"], spec)
+        if verbose and initial is not None:
             print(f"starting from {initial.path}" + (f" (new: {', '.join(fresh)})" if fresh else ""),
                   file=sys.stderr)
+        if verbose and fitted:
+            for head, row in fitted.items():
+                print(f"reference energies of head {head!r}: {row['mode']} on {row['structures']} structures, "
+                      f"mean residual {1000 * row['residual_per_atom_before']:.1f} → "
+                      f"{1000 * row['residual_per_atom_after']:.1f} meV/atom", file=sys.stderr)
     tracker = make_tracker(registry, config) if main else registry.get(PluginKind.TRACKER, "none").factory(
         run_dir=config.output, experiment=config.tracking.experiment)
     logged_through = _start_tracker(tracker, config, run_dir, resume) if main else None
@@ -433,7 +456,9 @@ def make_trainer(config: RunConfig, registry: Registry, model: torch.nn.Module, 
     ``logged_through`` are already in the tracker (a resumed run) and are not logged again."""
     t = config.training
     settings = train_settings(config, loss)
-    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay)
+    f = config.finetune
+    lrs = parameter_lrs(model, f.freeze, f.lr) if (f.freeze or f.lr) else None
+    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, lrs=lrs)
     s = t.scheduler
     scheduler = make_scheduler(optimizer, s.name, max_epochs=t.max_epochs, factor=s.factor,
                                patience=s.patience, min_lr=s.min_lr, gamma=s.gamma, max_time=t.max_time)
@@ -443,6 +468,30 @@ def make_trainer(config: RunConfig, registry: Registry, model: torch.nn.Module, 
     return Trainer(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, settings=settings,
                    backend=backend or make_backend(config, registry, settings), callbacks=callbacks,
                    checkpoint_dir=config.output / CHECKPOINT_DIR)
+
+
+def _reference_energies(config: RunConfig, model: torch.nn.Module, initial: InitialModel | None, train_set: Any,
+                        spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit what ``finetune.reference_energies`` asks (a fine-tune's new heads and elements by
+    default; every head of a multi-head model trained from scratch); ``spec`` and ``initial``
+    then carry the table, so deep-ensemble members start from the same one."""
+    potential = getattr(model, "potential", model)
+    if initial is None and potential.num_heads == 1:
+        return {}
+    if initial is None:  # from scratch, several heads: one joint fit, then each head's own offsets
+        plan = {h: "refit" for h in range(potential.num_heads)}
+        if config.finetune.reference_energies not in ("auto", "refit"):
+            plan = reference_energy_plan(config.finetune.reference_energies, None, potential.heads, potential.elements)
+    else:
+        plan = reference_energy_plan(config.finetune.reference_energies, initial, potential.heads, potential.elements)
+    report = fit_reference_energies(potential, train_set, plan,
+                                    initial.new_elements(potential.elements) if initial is not None else (),
+                                    batch_size=config.training.valid_batch_size)
+    table = potential.atomic_energies.detach().cpu()
+    spec["atomic_energies"] = table.tolist() if potential.num_heads > 1 else table[0].tolist()
+    if initial is not None:
+        initial.fitted_energies = table.clone()
+    return report
 
 
 def _initial_model(config: RunConfig, registry: Registry, train_set: GraphDataset) -> InitialModel | None:
@@ -469,7 +518,7 @@ def _member_trainer(config: RunConfig, registry: Registry, spec: dict[str, Any],
             member.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         child = tracker.child(f"member{index}")
-        potential = build_potential(spec, registry)
+        potential = build_potential(spec, registry)  # spec holds the fitted reference energies
         if initial is not None:
             initial.load_into(potential, index)
         trainer = make_trainer(member, registry, potential, loss, child, verbose)
