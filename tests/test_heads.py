@@ -207,3 +207,16 @@ def test_tensornet_has_heads_and_groups_too(registry, cu_files, two_levels, tmp_
                         "num_heads": 2, "heads": ["low", "high"]}
         raw["output"] = str(tmp_path / "t")
         train(config_from_dict(raw), registry, verbose=False)
+
+
+def test_a_file_that_never_saw_energies_gets_its_reference_energies_fitted(registry, cu_files, tmp_path) -> None:
+    """Denoising-only pre-training leaves an all-zero table; fine-tuning (auto) fits it instead of keeping it."""
+    from atomforge.model.finetune import read_initial_model, reference_energy_plan
+
+    path = train(config_from_dict(tiny_config(cu_files, tmp_path / "base", max_epochs=1)), registry,
+                 verbose=False).model_path
+    initial = read_initial_model(path, registry)
+    assert reference_energy_plan("auto", initial, ["default"], [29]) == {0: "keep"}
+    initial.spec["atomic_energies"] = [0.0]
+    assert reference_energy_plan("auto", initial, ["default"], [29]) == {0: "refit"}
+    assert reference_energy_plan("keep", initial, ["default"], [29]) == {0: "keep"}

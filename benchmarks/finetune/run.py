@@ -98,6 +98,8 @@ def jobs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             "data": {"train": {"path": str(d / "pretrain_xtb.extxyz"), "head": "xtb"},
                      "valid": {"path": str(d / "pretrain_valid_xtb.extxyz"), "head": "xtb"}},
             "model": _model(args, heads=["xtb"]), "loss": LOSS, "training": _training(args.pre, 3e-3, seed)}})
+        if args.pretrain_only:
+            continue
         for n in args.sizes:
             train, valid = split_labels(args, n)
             own = {"path": str(train), "head": "b3lyp"}
@@ -123,7 +125,7 @@ def jobs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return first, second
 
 
-def run_job(job: dict, out: str) -> dict:
+def run_job(job: dict, out: str, evaluate: bool = True) -> dict:
     """Train one arm (skipped when its model exists) and evaluate it."""
     import torch
 
@@ -139,7 +141,7 @@ def run_job(job: dict, out: str) -> dict:
         raw = {**job["raw"], "output": str(run_dir), "tracking": "none"}
         train(config_from_dict(raw), make_registry(), verbose=False)
     return {"name": job["name"], "train_seconds": time.perf_counter() - started,
-            "errors": evaluate_arm(model_path, job["name"])}
+            "errors": evaluate_arm(model_path, job["name"]) if evaluate else {}}
 
 
 def evaluate_arm(model_path: Path, name: str) -> dict:
@@ -220,6 +222,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--pretrain-only", action="store_true", help="only the pre-training runs (before the B3LYP labels exist)")
     args = p.parse_args()
     args.data, args.out = args.data.resolve(), args.out.resolve()
     os.environ["FT_DATA"] = str(args.data)
@@ -233,8 +236,11 @@ def main() -> None:
         for phase in (first, second):
             todo = [j for j in phase if j["name"] not in results]
             with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-                for job, future in [(j, pool.submit(run_job, j, str(args.out))) for j in todo]:
+                for job, future in [(j, pool.submit(run_job, j, str(args.out), not args.pretrain_only)) for j in todo]:
                     row = future.result()
+                    if args.pretrain_only:
+                        print(f"{job['name']}: trained ({row['train_seconds']:.0f} s)", flush=True)
+                        continue
                     row["config"] = job["raw"]
                     results[job["name"]] = row
                     results_file.write_text(json.dumps(results, indent=1))
