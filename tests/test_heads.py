@@ -217,6 +217,28 @@ def test_a_file_that_never_saw_energies_gets_its_reference_energies_fitted(regis
                  verbose=False).model_path
     initial = read_initial_model(path, registry)
     assert reference_energy_plan("auto", initial, ["default"], [29]) == {0: "keep"}
-    initial.spec["atomic_energies"] = [0.0]
+    initial.spec["energies_fitted"] = False  # what a denoising-only run writes (no energies in its data)
     assert reference_energy_plan("auto", initial, ["default"], [29]) == {0: "refit"}
     assert reference_energy_plan("keep", initial, ["default"], [29]) == {0: "keep"}
+
+
+def test_fine_tuning_a_denoising_only_model_fits_its_reference_energies(registry, cu_files, tmp_path) -> None:
+    from ase.io import read
+
+    from atomforge import read_model_file
+
+    bare = [a.copy() for a in read(cu_files["train"], ":")]  # positions only: no labels
+    write(tmp_path / "bare.extxyz", bare)
+    raw = tiny_config(cu_files, tmp_path / "pre", max_epochs=1)
+    raw["data"] = {"train": str(tmp_path / "bare.extxyz")}
+    raw["loss"] = [{"name": "denoising"}]
+    pre = train(config_from_dict(raw), registry, verbose=False).model_path
+    assert read_model_file(pre)[0]["energies_fitted"] is False
+    ft = tiny_config(cu_files, tmp_path / "ft", max_epochs=0)
+    ft["model"] = {"init_from": str(pre)}
+    tuned = train(config_from_dict(ft), registry, verbose=False).model_path
+    config = read_model_file(tuned)[0]
+    assert "energies_fitted" not in config and abs(config["atomic_energies"][0]) > 0.01
+    structures = read(cu_files["test"], ":")
+    residual = [a.get_potential_energy() - _energy(load_model(tuned), a) for a in structures]
+    assert abs(np.mean(residual)) / len(structures[0]) < 0.05  # eV/atom: the offsets are fitted

@@ -12,8 +12,8 @@ settings are new, and so may be (docs/finetune.md):
   known rows, and its reference energy is fitted (below);
 * **reference energies** (``finetune.reference_energies``): ``auto`` refits a new head's and
   fits a new element's by least squares of the residual (label − the loaded model's prediction)
-  over the training set (also a head whose table in the file is all zero: a model pre-trained
-  without energies, e.g. by denoising) and keeps the others; ``refit`` does it for every head; ``keep`` keeps
+  over the training set (also every head of a file trained without energies — denoising
+  pre-training; its config says ``energies_fitted: false``) and keeps the others; ``refit`` does it for every head; ``keep`` keeps
   the file's; or give eV per element.
 
 A UQ head is taken from the run's config, not the file: the file's weights initialise the shared
@@ -68,7 +68,9 @@ def merge_model_config(given: Mapping[str, Any], path: Path) -> dict[str, Any]:
             f"model.init_from {path}: the model block disagrees with the file's architecture ("
             + "; ".join(mismatches) + "). Drop those keys (they are taken from the file) or start from scratch."
         )
-    merged.update(config.get("options", {}))
+    # the file's backbone options, for display and checks (the model is built from the file itself);
+    # a backbone option named like a model key (MACE's own ``heads``) must not become that key
+    merged.update({k: v for k, v in config.get("options", {}).items() if k not in ("heads", *MODEL_KEYS)})
     return merged
 
 
@@ -96,8 +98,19 @@ class InitialModel:
     def heads(self) -> list[str]:
         return list(self.spec.get("heads") or ["default"])
 
-    def check_elements(self, numbers: list[int]) -> None:
-        """Kept for callers of the old API: new elements are now allowed (see :meth:`run_spec`)."""
+    def check_elements(self, numbers: list[int], registry: Registry | None = None) -> None:
+        """New elements in the training data are allowed when the backbone can add them
+        (``Backbone.element_parameters``); otherwise a clear error before anything is built."""
+        unknown = self.new_elements(numbers)
+        if not unknown or registry is None:
+            return
+        factory = registry.provided(PluginKind.BACKBONE, self.spec["backbone"]).spec.factory
+        if not getattr(factory, "element_parameters", ()):
+            raise DataValidationError(
+                f"model.init_from {self.path}: the training data holds element(s) Z={unknown} that this model has "
+                f"no weights for (it knows Z={self.spec['elements']}), and backbone {self.spec['backbone']!r} "
+                "cannot add elements at fine-tune time (no per-element parameters to extend); train from "
+                "scratch, or start from a model that covers them")
 
     def new_elements(self, numbers: Iterable[int]) -> list[int]:
         """Elements of ``numbers`` the file's model does not know."""
@@ -199,9 +212,8 @@ def reference_energy_plan(setting: Any, initial: InitialModel | None, heads: Seq
     """What happens to each head's reference energies: ``keep``, ``refit``, ``new`` (fit only
     the new elements') or a ``{Z: eV}`` table, from ``finetune.reference_energies``."""
     new_heads = set(heads) - set(initial.heads) if initial is not None else set()
-    if initial is not None:  # a head whose file table is all zero never saw energies (denoising-only pre-training)
-        energies, _, _ = _per_head(initial.spec)
-        new_heads |= {h for h, f in zip(heads, initial.head_map(heads)) if not any(energies[f])}
+    if initial is not None and initial.spec.get("energies_fitted") is False:  # never saw energies (denoising only)
+        new_heads |= set(heads)
     new_elements = initial.new_elements(elements) if initial is not None else []
     per_head: dict[str, Any] = {}
     if isinstance(setting, Mapping) and setting and all(str(k) in heads for k in setting):

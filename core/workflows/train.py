@@ -201,12 +201,14 @@ def _check_elements(sets: dict[str, GraphDataset]) -> None:
 def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> dict[str, Any]:
     """The model-file config: backbone, options and the normalisation fitted on ``train``."""
     elements = [int(z) for z in train.numbers()]
+    fitted = True
     if isinstance(train, GraphDataset):
         # fitted on the structures that carry energies (unlabelled ones, e.g. for denoising, are skipped)
         labelled = [(a.numbers, lab) for a, lab in ((a, get_labels(a)) for a in train.structures)
                     if lab.energy is not None]
         if not labelled:
             atomic, scale, shift = np.zeros(len(elements)), 1.0, 0.0
+            fitted = False
         else:
             forces = [lab.forces for _, lab in labelled]
             atomic, scale, shift = fit_normalization(
@@ -214,8 +216,9 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
                 forces if all(f is not None for f in forces) else None, elements)
     else:  # streamed: one pass, each process over its shard, sums added (no process reads everything)
         mine = np.arange(dist.rank(), len(train), dist.world_size())
-        atomic, scale, shift = normalization_from_sums(add_sums(dist.all_gather_objects(
-            normalization_sums(train, elements, mine))))
+        sums = add_sums(dist.all_gather_objects(normalization_sums(train, elements, mine)))
+        atomic, scale, shift = normalization_from_sums(sums)
+        fitted = sums["n"] - sums["energy_missing"] > 0
     provided = registry.provided(PluginKind.BACKBONE, config.model.backbone)
     options = dict(config.model.options)
     if provided.spec.fit_options is not None:  # e.g. MACE's avg_num_neighbors: auto → a number
@@ -237,6 +240,8 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
         "scale": scale,
         "shift": shift,
     }
+    if not fitted:  # no energies seen (denoising pre-training): fine-tuning refits the table (docs/finetune.md)
+        spec["energies_fitted"] = False
     heads = list(config.model.heads or [])
     if heads and heads != ["default"]:  # each head's reference energies are fitted once the model is built
         h = len(heads)
@@ -488,6 +493,8 @@ def _reference_energies(config: RunConfig, model: torch.nn.Module, initial: Init
                                     initial.new_elements(potential.elements) if initial is not None else (),
                                     batch_size=config.training.valid_batch_size)
     table = potential.atomic_energies.detach().cpu()
+    if report:  # fitted to energies now: a later fine-tune keeps this table by default
+        spec.pop("energies_fitted", None)
     spec["atomic_energies"] = table.tolist() if potential.num_heads > 1 else table[0].tolist()
     if initial is not None:
         initial.fitted_energies = table.clone()
@@ -499,7 +506,7 @@ def _initial_model(config: RunConfig, registry: Registry, train_set: GraphDatase
     if config.model.init_from is None:
         return None
     initial = read_initial_model(config.model.init_from, registry, config.model.backbone)
-    initial.check_elements(train_set.numbers().tolist())
+    initial.check_elements(train_set.numbers().tolist(), registry)
     return initial
 
 
