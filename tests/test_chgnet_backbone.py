@@ -226,3 +226,30 @@ def test_finetuning_from_pretrained(chgnet_registry, tmp_path, monkeypatch) -> N
     start = _pretrained("0.3.0", chgnet_registry)
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert any(k.startswith("backbone.chgnet.") for k in changed)
+
+
+def test_a_pretrained_chgnet_fine_tunes_under_deepspeed_with_two_processes(tmp_path) -> None:
+    """Foundation model + DeepSpeed engine: ZeRO-2 over 2 processes, frozen embedding, per-group LR."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from ase.io import write
+
+    from atomforge import load_model
+    from conftest import cu_structures
+
+    write(tmp_path / "cu.extxyz", cu_structures(8, seed=3))
+    raw = {"data": {"train": "cu.extxyz", "valid_fraction": 0.25},
+           "model": {"backbone": "chgnet", "pretrained": "0.3.0"},
+           "finetune": {"freeze": ["embedding"], "lr": {"readout": 1.0e-3}},
+           "training": {"engine": "deepspeed", "max_epochs": 1, "batch_size": 4, "lr": 1.0e-4, "num_threads": 1},
+           "deepspeed": {"zero_stage": 2}, "output": "run", "tracking": "none"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, "-m", "atomforge", "train", "run.yaml", "--nproc", "2", "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.elements[:3] == [1, 2, 3] and len(model.elements) == 94
