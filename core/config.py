@@ -91,6 +91,7 @@ class FinetuneConfig:
 class LossTermConfig:
     name: str  # registry name of the loss plugin
     weight: float = 1.0  # multiplies the term
+    head: str | None = None  # only the structures of this head (model.heads); null: all
     options: dict[str, Any] = field(default_factory=dict)  # other keys: the plugin's options
 
 
@@ -191,6 +192,9 @@ class RunConfig:
             for key in ("ratio", "head"):
                 if source is not None and source.get(key) is None:
                     source.pop(key, None)
+        for term in out["loss"]:
+            if term.get("head") is None:
+                term.pop("head", None)
         if out["model"].get("heads") is None:
             out["model"].pop("heads", None)
         else:
@@ -513,6 +517,10 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     if model.dtype not in ("float32", "float64"):
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
     model = dataclasses.replace(model, heads=_heads(model.heads))
+    for k, term in enumerate(_loss(raw.get("loss"))):
+        if term.head is not None and term.head not in (model.heads or ("default",)):
+            raise ConfigError(f"loss[{k}] ({term.name}).head {term.head!r} is not one of model.heads "
+                              f"{list(model.heads or ['default'])}")
     for k, source in enumerate((*train_sources, data_config.valid, data_config.test)):
         if source is not None and source.head is not None and source.head not in (model.heads or ("default",)):
             raise ConfigError(f"data source {source.source} {source.options.get('path', '')}: head {source.head!r} is "

@@ -242,3 +242,28 @@ def test_fine_tuning_a_denoising_only_model_fits_its_reference_energies(registry
     structures = read(cu_files["test"], ":")
     residual = [a.get_potential_energy() - _energy(load_model(tuned), a) for a in structures]
     assert abs(np.mean(residual)) / len(structures[0]) < 0.05  # eV/atom: the offsets are fitted
+
+
+def test_a_loss_term_can_score_one_head_only(registry, cu_files, two_levels, tmp_path) -> None:
+    from atomforge import read_training_state
+
+    raw = tiny_config(cu_files, tmp_path / "run", max_epochs=1)
+    raw["model"]["heads"] = ["low", "high"]
+    raw["data"] = {"train": [{"path": str(two_levels / "low.extxyz"), "head": "low", "ratio": 0.5},
+                             {"path": str(two_levels / "high.extxyz"), "head": "high", "ratio": 0.5}]}
+    raw["loss"] = [{"name": "energy", "weight": 1.0, "head": "high"}, {"name": "forces", "weight": 10.0}]
+    config = config_from_dict(raw)
+    assert config.to_dict()["loss"][0]["head"] == "high" and "head" not in config.to_dict()["loss"][1]
+    train(config, registry, verbose=False)
+    assert read_training_state(tmp_path / "run")["history"][0]["steps"] > 0
+    from atomforge.workflows.train import build_loss
+
+    loss = build_loss(registry, config)
+    batch = {K.WEIGHT: torch.ones(2), K.FIDELITY: torch.tensor([0, 1]), K.ENERGY: torch.tensor([1.0, 1.0]),
+             K.N_ATOMS: torch.tensor([1, 1]), K.FORCES: torch.zeros(2, 3), K.BATCH: torch.tensor([0, 1])}
+    outputs = {K.ENERGY: torch.tensor([2.0, 1.0]), K.FORCES: torch.zeros(2, 3)}
+    total, logs = loss(batch, outputs, None)
+    assert logs["energy[high]"] == 0.0  # the low-head structure's error (1 eV) does not count
+    with pytest.raises(ConfigError, match=r"loss\[0\] \(energy\).head 'dft'"):
+        raw["loss"][0]["head"] = "dft"
+        config_from_dict(raw)

@@ -72,6 +72,7 @@ class WeightedTerm:
     name: str
     weight: float
     term: LossTerm
+    head: int | None = None  # only structures on this head (fidelity) count: their sample weights, others' 0
 
 
 class CompositeLoss:
@@ -112,7 +113,11 @@ class CompositeLoss:
         total = torch.zeros((), dtype=outputs["energy"].dtype)
         logs: dict[str, float] = {}
         for t in self.terms:
-            value = t.term(batch, outputs, model)
+            if t.head is None:
+                value = t.term(batch, outputs, model)
+            else:  # a loss per head: the other heads' structures weigh 0 in this term
+                on_head = batch.get(K.FIDELITY, torch.zeros_like(batch[K.WEIGHT], dtype=torch.long)) == t.head
+                value = t.term({**batch, K.WEIGHT: batch[K.WEIGHT] * on_head.to(batch[K.WEIGHT].dtype)}, outputs, model)
             logs[t.name] = float(value.detach())
             total = total + t.weight * value
         return total, logs

@@ -92,7 +92,9 @@ def build_loss(registry: Registry, config: RunConfig) -> CompositeLoss:
     for term in config.loss:
         spec = registry.get(PluginKind.LOSS, term.name)
         try:
-            terms.append(WeightedTerm(term.name, term.weight, spec.factory(**term.options)))
+            head = None if term.head is None else list(config.model.heads or ["default"]).index(term.head)
+            terms.append(WeightedTerm(term.name if head is None else f"{term.name}[{term.head}]", term.weight,
+                                      spec.factory(**term.options), head))
         except TypeError as error:
             raise ConfigError(f"loss {term.name!r} rejected its options {term.options}: {error}") from error
     return CompositeLoss(terms)
