@@ -24,6 +24,8 @@ over ``max_time``, one torch thread per run, ``--workers`` runs at a time):
   auto``), the B3LYP labels on head ``b3lyp`` mixed 70/30 with **replay** of ``pretrain_xtb`` on head
   ``xtb`` (``data.train`` as a list with ratios), ``--ft`` s, lr ``--ft-lr``.
 * ``ft_noreplay``: as ``ft`` without the replayed xTB data (to measure forgetting).
+* ``ft_r<R>`` (``--replay-ratios R``, at ``--variant-sizes``): as ``ft`` with replay share R and the
+  embedding frozen (``finetune.freeze: [embedding]``).
 * ``joint``: a multi-head model trained from scratch on both at once (``heads: [xtb, b3lyp]``, xTB and
   B3LYP mixed 50/50), ``--pre`` + ``--ft`` s (the pre-training and fine-tuning budgets together), for N in
   ``--joint-sizes``.
@@ -115,6 +117,15 @@ def jobs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                              **({"epoch_size": epoch} if isinstance(train_data, list) else {})},
                     "model": {"init_from": pre, "heads": ["xtb", "b3lyp"]}, "loss": LOSS,
                     "training": _training(args.ft, args.ft_lr, seed)}})
+            for ratio in args.replay_ratios if n in args.variant_sizes else ():  # more replay, frozen embedding
+                share = 1.0 - ratio
+                second.append({"name": f"ft_r{ratio:g}/n{n}/s{seed}", "raw": {
+                    "data": {"train": [{**own, "ratio": share}, {**replay, "ratio": ratio}],
+                             "valid": {"path": str(valid), "head": "b3lyp"},
+                             "epoch_size": math.ceil((n - max(3, round(0.15 * n))) / share)},
+                    "model": {"init_from": pre, "heads": ["xtb", "b3lyp"]}, "loss": LOSS,
+                    "finetune": {"freeze": ["embedding"]},
+                    "training": _training(args.ft, args.ft_lr, seed)}})
             if n in args.joint_sizes:
                 second.append({"name": f"joint/n{n}/s{seed}", "raw": {
                     "data": {"train": [{"path": str(d / "pretrain_xtb.extxyz"), "head": "xtb", "ratio": 0.5},
@@ -184,7 +195,7 @@ def summarize(results: dict, path: Path, args: argparse.Namespace) -> None:
         parts = name.split("/")
         n = int(parts[1][1:]) if parts[1].startswith("n") else 0
         groups.setdefault((parts[0], n), []).append(row)
-    order = {"pretrain": 0, "scratch": 1, "ft": 2, "ft_noreplay": 3, "joint": 4}
+    order = {"pretrain": 0, "scratch": 1, "ft": 2, "ft_noreplay": 3, "joint": 4}  # then ft_r<R> variants
     for (arm, n), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
         lines.append(f"| {arm} | {n or '–'} | {cell(rows, 'b3lyp_test', 'force_mae')} | "
                      f"{cell(rows, 'b3lyp_test', 'force_rmse')} | {cell(rows, 'b3lyp_hot', 'force_mae')} | "
@@ -198,7 +209,7 @@ def summarize(results: dict, path: Path, args: argparse.Namespace) -> None:
         if ft and sc:
             ratios.append(f"- N = {n}: fine-tuned / from scratch B3LYP test force MAE = {np.mean(ft) / np.mean(sc):.2f}")
     pre = [r["errors"]["xtb_test"]["force_mae"] for r in groups.get(("pretrain", 0), [])]
-    for arm in ("ft", "ft_noreplay"):
+    for arm in ("ft", "ft_noreplay", *sorted({name.split("/")[0] for name in results if name.startswith("ft_r")})):
         for n in args.sizes:
             after = [r["errors"]["xtb_test"]["force_mae"] for r in groups.get((arm, n), [])]
             if pre and after:
@@ -214,6 +225,9 @@ def main() -> None:
     p.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks" / "issue18" / "finetune")
     p.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     p.add_argument("--joint-sizes", type=int, nargs="*", default=[100])
+    p.add_argument("--replay-ratios", type=float, nargs="*", default=[],
+                   help="extra arms ft_r<R>: replay share R (and the embedding frozen), at --variant-sizes")
+    p.add_argument("--variant-sizes", type=int, nargs="*", default=[100])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--pre", type=float, default=600.0, help="pre-training seconds")
     p.add_argument("--ft", type=float, default=150.0, help="fine-tuning (and from-scratch) seconds")
