@@ -39,24 +39,23 @@ def neighbor_list(
     Periodic along any subset of axes and any triclinic cell, including cells smaller than the
     cutoff (several images of one atom are then neighbours).
     """
+    i, j, shifts, dist = _vesin(atoms, cutoff, "ijSd")
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), dist
+
+
+def _vesin(atoms: Atoms, cutoff: float, quantities: str) -> tuple[np.ndarray, ...]:
+    """vesin's full neighbour list of ``atoms`` (periodic along its pbc axes), the given quantities."""
     pbc = np.asarray(atoms.pbc, dtype=bool)
     box = np.asarray(atoms.cell[:], dtype=np.float64) if pbc.any() else np.zeros((3, 3))
-    i, j, shifts, dist = NeighborList(cutoff=float(cutoff), full_list=True).compute(
-        points=np.asarray(atoms.positions, dtype=np.float64),
-        box=box,
-        periodic=pbc.tolist(),
-        quantities="ijSd",
-    )
-    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), dist
+    return tuple(NeighborList(cutoff=float(cutoff), full_list=True).compute(
+        points=np.asarray(atoms.positions, dtype=np.float64), box=box, periodic=pbc.tolist(),
+        quantities=quantities))
 
 
 def edge_count(atoms: Atoms, cutoff: float) -> int:
     """Number of directed edges (neighbour pairs, both directions, all periodic images) within
     ``cutoff`` — what a batch's edge budget counts, without building the graph."""
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    box = np.asarray(atoms.cell[:], dtype=np.float64) if pbc.any() else np.zeros((3, 3))
-    (i,) = NeighborList(cutoff=float(cutoff), full_list=True).compute(
-        points=np.asarray(atoms.positions, dtype=np.float64), box=box, periodic=pbc.tolist(), quantities="i")
+    (i,) = _vesin(atoms, cutoff, "i")
     return int(len(i))
 
 
