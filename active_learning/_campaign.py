@@ -268,6 +268,16 @@ class Campaign:
                 digest.update(path.read_bytes())
         return digest.hexdigest()[:16]
 
+    def iteration_tracking(self, iteration: int) -> dict[str, Any] | str:
+        """The training job's ``tracking`` block: a run nested under the campaign's run, named
+        ``iteration-NNN``, in the same store (``state['iteration_tracking']``, set when the
+        campaign's tracker starts), so the iteration's curves, model and plots are logged live.
+        ``none`` when the campaign's tracker cannot open runs from another process."""
+        nested = self.state.get("iteration_tracking")
+        if not nested:
+            return "none"
+        return {**nested, "run_name": f"iteration-{iteration:03d}"}
+
     # -- training -----------------------------------------------------------------------------------
     def train_config(self, iteration: int) -> dict[str, Any]:
         """The `atomforge train` config of an iteration: campaign data + the user's model/training.
@@ -291,10 +301,14 @@ class Campaign:
                 data[name]["head"] = head
         replay = self.config.train.get("replay") or []
         if replay:  # pre-training data mixed in (fine-tuning without forgetting)
-            data["train"] = [{**data["train"], "ratio": 1.0 - sum(float(r["ratio"]) for r in replay)},
-                             *(dict(r) for r in replay)]
+            own = 1.0 - sum(float(r["ratio"]) for r in replay)
+            data["train"] = [{**data["train"], "ratio": own}, *(dict(r) for r in replay)]
+            # an epoch = one pass over the campaign's own labels (plus their share of replay), not
+            # the replayed set's size: validation, EMA selection and schedulers stay on the labels' scale
+            data["epoch_size"] = max(1, math.ceil(len(parts[0]) / own))
         user = {k: v for k, v in self.config.train.items() if k not in CAMPAIGN_ONLY}
-        raw = {**user, "data": data, "output": str(self.iter_dir(iteration) / "train"), "tracking": "none"}
+        raw = {**user, "data": data, "output": str(self.iter_dir(iteration) / "train"),
+               "tracking": self.iteration_tracking(iteration)}
         raw["training"] = {"seed": self.config.seed, **dict(self.config.train.get("training") or {})}
         warm = self.config.train.get("warm_start")
         previous = self.model_path(iteration - 1) if iteration > 0 else None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 
-from atomforge import ConfigError, SourceConfig, apply_overrides, config_from_dict, read_yaml
+from atomforge import (ConfigError, SourceConfig, StabilityConfig, apply_overrides, config_from_dict, read_yaml,
+                       stability_config_from_dict)
 
 __all__ = ["PluginChoice", "OracleConfig", "BudgetConfig", "StopConfig", "ExecutorConfig",
            "CampaignConfig", "campaign_from_dict", "load_campaign"]
@@ -51,6 +52,9 @@ class StopConfig:
     target_forces_mae: float | None = None  # meV/Å on the validation set (test set if given)
     target_energy_mae: float | None = None  # meV/atom, likewise
     accurate_fraction: float | None = None  # stop when this fraction of explored configs has σ < lo
+    # gate: a target above stops the campaign only once the model passes this MD-stability suite
+    # (no target: stop when it passes); run on every iteration's model (docs/stability.md)
+    md_stable: StabilityConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,20 @@ def _ratio(value: Any) -> float | None:
     return float(value)
 
 
+def _stop(value: Any, base_dir: Path) -> StopConfig:
+    """``stop``, with its ``md_stable`` gate read by :func:`atomforge.stability_config_from_dict`
+    (``true``: the suite's defaults, starting from the campaign's initial data)."""
+    data = _mapping(value, "stop")
+    gate = data.pop("md_stable", None)
+    stop = _typed(StopConfig, data, "stop")
+    if gate is None or gate is False:
+        return stop
+    try:
+        return replace(stop, md_stable=stability_config_from_dict({} if gate is True else gate, base_dir))
+    except ConfigError as error:
+        raise ConfigError(f"stop.md_stable: {error}") from None
+
+
 def _check(config: CampaignConfig) -> CampaignConfig:
     if not config.explorers:
         raise ConfigError("explorers: give at least one, e.g. [{name: md, temperatures: [300]}]")
@@ -253,7 +271,7 @@ def campaign_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> Ca
         selector=_choice(raw["selector"], "selector"),
         output=(base_dir / Path(str(raw["output"])).expanduser()).resolve(),
         budget=_typed(BudgetConfig, raw.get("budget"), "budget"),
-        stop=_typed(StopConfig, raw.get("stop"), "stop"),
+        stop=_stop(raw.get("stop"), base_dir),
         test=_source(raw.get("test"), base_dir, "test"),
         starts=_source(raw.get("starts"), base_dir, "starts"),
         starts_per_iteration=int(raw.get("starts_per_iteration", 4)),

@@ -1,8 +1,14 @@
 """Drive a :class:`~._campaign.Campaign` phase by phase, decide when to stop, track in MLflow.
 
-Phases of iteration *i*: ``train`` (model *i* on everything labelled so far) → stop? →
-``explore`` → ``select`` → stop? → ``label`` → ``track`` (child run *i*) → iteration *i + 1*.
-The model of the last iteration is the final one; it has seen every label.
+Phases of iteration *i*: ``train`` (model *i* on everything labelled so far) → [``stability``:
+the ``stop.md_stable`` suite on model *i*, when configured] → stop? → ``explore`` → ``select`` →
+stop? → ``label`` → ``track`` (child run *i*) → iteration *i + 1*. The model of the last
+iteration is the final one; it has seen every label.
+
+Stopping: a *target* (an error target, ``accurate_fraction``) stops the campaign — with an
+``md_stable`` gate only once the model passes the stability suite (a gate without a target stops
+it as soon as the model passes). *Limits* (``max_iterations``, the label budget, nothing left to
+label) stop it regardless; ``stopped_because`` then says whether the model passed the gate.
 
 Before the first phase a driver holds the campaign lock (taken by :class:`Campaign`) and has
 probed the oracle; an iteration whose every requested label failed halts the campaign
@@ -14,14 +20,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from concurrent.futures import Executor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import yaml
 
-from atomforge import PluginKind, Registry, pyplot, read_json, save_figure
+from atomforge import PluginKind, Registry, pyplot, read_json, run_stability_suite, save_figure, stability_verdict
 from atomforge import Tracker
 
 from ._campaign import Campaign, CampaignResult, LabellingHalted
@@ -38,17 +44,62 @@ def error_metric(metrics: dict[str, float], quantity: str) -> float | None:
     return None
 
 
-def _stop_after_training(campaign: Campaign, metrics: dict[str, float]) -> str | None:
-    config, i = campaign.config, campaign.state["iteration"]
+MD_PREFIX = "md_"  # the stability suite's metrics in state['metrics'], the history and the child runs
+
+
+def _error_target(campaign: Campaign, metrics: dict[str, float]) -> str | None:
+    config = campaign.config
     targets = (("forces", config.stop.target_forces_mae, "meV/Å"), ("energy", config.stop.target_energy_mae, "meV/atom"))
     for quantity, target, unit in targets:
         error = error_metric(metrics, quantity)
         if target is not None and error is not None and error <= target:
             return f"target {quantity} MAE reached ({error:.3g} ≤ {target:g} {unit})"
+    return None
+
+
+def _md_verdict(campaign: Campaign) -> tuple[bool, str] | None:
+    """The ``md_stable`` gate's verdict on the iteration's model (None: no gate)."""
+    gate = campaign.config.stop.md_stable
+    if gate is None:
+        return None
+    measured = {k[len(MD_PREFIX):]: v for k, v in campaign.state.get("metrics", {}).items() if k.startswith(MD_PREFIX)}
+    if "stable_fraction" not in measured:
+        return False, "MD stability not measured"
+    return stability_verdict(measured, gate)
+
+
+def _gated(campaign: Campaign, target: str | None) -> str | None:
+    """The stop reason when ``target`` (a met target, or None) stops the campaign: always without
+    an ``md_stable`` gate; with one, only when the model passed it — and a gate without any
+    target stops the campaign as soon as the model passes."""
+    verdict = _md_verdict(campaign)
+    if verdict is None:
+        return target
+    passed, text = verdict
+    stop = campaign.config.stop
+    has_target = any(t is not None for t in (stop.target_forces_mae, stop.target_energy_mae, stop.accurate_fraction))
+    if passed and (target or not has_target):
+        return f"{target}; {text}" if target else text
+    if target:
+        campaign.log(f"iteration {campaign.state['iteration']}: {target}, but {text}: continuing")
+    return None
+
+
+def _limit(campaign: Campaign, reason: str) -> str:
+    """A limit stops the campaign whatever the gate says; the reason says what it said."""
+    verdict = _md_verdict(campaign)
+    return reason if verdict is None else f"{reason}; {verdict[1]}"
+
+
+def _stop_after_training(campaign: Campaign, metrics: dict[str, float]) -> str | None:
+    config, i = campaign.config, campaign.state["iteration"]
+    reason = _gated(campaign, _error_target(campaign, metrics))
+    if reason:
+        return reason
     if i >= config.stop.max_iterations:
-        return f"max_iterations ({config.stop.max_iterations}) reached"
+        return _limit(campaign, f"max_iterations ({config.stop.max_iterations}) reached")
     if campaign.labels_requested >= config.budget.total:
-        return f"label budget used ({campaign.labels_requested} of {config.budget.total})"
+        return _limit(campaign, f"label budget used ({campaign.labels_requested} of {config.budget.total})")
     return None
 
 
@@ -57,9 +108,12 @@ def _stop_after_selection(campaign: Campaign, record: dict[str, Any]) -> str | N
     if target is not None and record["n_explored"] and "accurate" in counts:
         fraction = counts["accurate"] / record["n_explored"]
         if fraction >= target:
-            return f"{fraction:.0%} of explored configurations are below the lower trust level (target {target:.0%})"
+            reason = _gated(campaign, f"{fraction:.0%} of explored configurations are below the lower trust level "
+                                      f"(target {target:.0%})")
+            if reason:
+                return reason
     if not record["keys"]:
-        return "nothing left to label (no new candidate in the trust window)"
+        return _limit(campaign, "nothing left to label (no new candidate in the trust window)")
     return None
 
 
@@ -132,6 +186,9 @@ def _make_tracker(campaign: Campaign) -> Tracker:
     tracker = spec.factory(run_dir=campaign.dir, **options)
     previous = campaign.state.get("parent_run_id")
     campaign.state["parent_run_id"] = tracker.start(run_name=campaign.dir.name, resume_run_id=previous)
+    nested = tracker.nested_options() if hasattr(tracker, "nested_options") else {}
+    # the training jobs open their runs under this one (live curves, model, plots); see Campaign.iteration_tracking
+    campaign.state["iteration_tracking"] = {"name": spec.name, **nested} if nested else None
     campaign.save_state()
     if previous is None:
         record = _config_record(campaign.config)
@@ -158,10 +215,13 @@ def _track_iteration(campaign: Campaign, tracker: Tracker, i: int) -> None:
     entry = _history_entry(campaign, i)
     if str(i) in campaign.state["child_runs"]:
         return
-    child = tracker.child(f"iteration-{i:03d}")
+    folder = campaign.iter_dir(i)
+    trained = _read(folder / "train" / "tracking.json").get("run_id")  # the run the training job logged into
+    child = tracker.child(f"iteration-{i:03d}", run_id=trained) if trained else tracker.child(f"iteration-{i:03d}")
+    if not trained and child.run_id is not None:  # the training job was not tracked (an older campaign, or a
+        _log_training(child, folder / "train")       # tracker without nested_options): log what it would have
     child.log_params({k: entry[k] for k in ("lo", "hi", "calibration", "data_hash") if entry.get(k) is not None})
     child.log_metrics({k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and v is not None}, step=i)
-    folder = campaign.iter_dir(i)
     selection = _read(folder / "selection.json")
     if selection:
         child.log_artifact(uncertainty_histogram(selection.get("stds", []), entry["lo"], entry["hi"],
@@ -169,10 +229,32 @@ def _track_iteration(campaign: Campaign, tracker: Tracker, i: int) -> None:
     for name in ("train.log", "train/metrics.json"):  # the training job's (rank-0) output
         if (folder / name).exists():
             child.log_artifact(folder / name, "training")
+    for name in ("stability_time.png", "rdf.png", "stability.json"):  # the md_stable suite's (docs/stability.md)
+        if (folder / "stability" / name).exists():
+            child.log_artifact(folder / "stability" / name, "stability")
     child.end("FINISHED")
-    tracker.log_metrics({"labels": entry["labels"], **{k: v for k, v in entry.items() if k.endswith("_mae")}}, step=i)
+    tracker.log_metrics({"labels": entry["labels"], **{k: v for k, v in entry.items()
+                                                       if k.endswith("_mae") or k.startswith(MD_PREFIX)}}, step=i)
     campaign.state["child_runs"][str(i)] = child.run_id
     campaign.state["history"].append(entry)
+
+
+def _log_training(child: Tracker, run_dir: Path) -> None:
+    """Afterwards, what a tracked training job logs itself: per-epoch metrics (from the
+    checkpoint's history), the learning curve, the parity plots and the model."""
+    from atomforge import EpochRecord, TrackerCallback, has_checkpoint, read_training_state
+
+    if has_checkpoint(run_dir):
+        callback = TrackerCallback(child)
+        for row in read_training_state(run_dir)["history"]:
+            callback.on_epoch_end(None, EpochRecord(**row))
+    for name in ("learning_curve.png", "parity_valid.png", "parity_test.png"):
+        if (run_dir / name).exists():
+            child.log_artifact(run_dir / name, "plots")
+    if (run_dir / "model.pt").exists():
+        child.log_artifact(run_dir / "model.pt")
+        if hasattr(child, "log_model"):
+            child.log_model(run_dir / "model.pt")
 
 
 def _finish(campaign: Campaign, tracker: Tracker, reason: str) -> None:
@@ -192,10 +274,47 @@ def _phase_train(campaign: Campaign, tracker: Tracker) -> None:
     with campaign.timed("train"):
         metrics = campaign.train_model(campaign.state["iteration"])
     campaign.state["metrics"] = metrics
+    if campaign.config.stop.md_stable is not None:  # the gate measures the model before any stop decision
+        campaign.state["phase"] = "stability"
+        return None
     reason = _stop_after_training(campaign, metrics)
     if reason:
         return _finish(campaign, tracker, reason)
     campaign.state["phase"] = "explore"
+
+
+def _phase_stability(campaign: Campaign, tracker: Tracker) -> None:
+    """The ``stop.md_stable`` suite on the iteration's model; its metrics join the iteration's."""
+    i, gate = campaign.state["iteration"], campaign.config.stop.md_stable
+    if gate is not None:  # (a resumed campaign whose file no longer has the gate goes straight on)
+        with campaign.timed("stability"):
+            measured = _stability(campaign, i)
+        campaign.state["metrics"] = {**campaign.state["metrics"], **{f"{MD_PREFIX}{k}": v for k, v in measured.items()}}
+        campaign.log(f"iteration {i}: {stability_verdict(measured, gate)[1]}")
+    reason = _stop_after_training(campaign, campaign.state["metrics"])
+    if reason:
+        return _finish(campaign, tracker, reason)
+    campaign.state["phase"] = "explore"
+
+
+def _stability(campaign: Campaign, i: int) -> dict[str, float]:
+    """The suite's metrics for model ``i``: from ``iterations/NNN/stability/stability.json`` when
+    a driver already ran it (written last, atomically), else run now. Starts default to the
+    campaign's initial data; generated reference MD is cached once for all iterations."""
+    folder = campaign.iter_dir(i) / "stability"
+    done = _read(folder / "stability.json").get("metrics")
+    if done:
+        return done
+    gate = campaign.config.stop.md_stable
+    if gate.starts is None:
+        from ase.io import read
+
+        gate = replace(gate, starts=tuple(read(campaign.dir / "initial.extxyz", index=":")))
+    campaign.log(f"iteration {i}: MD-stability suite ({', '.join(f'{t:g}' for t in gate.temperatures)} K, "
+                 f"{gate.n_starts} start(s), {gate.steps} steps)")
+    return run_stability_suite(campaign.model_path(i), gate, out_dir=folder, registry=campaign.registry,
+                               head=campaign.config.train.get("head"), reference_dir=campaign.dir / "stability-reference",
+                               progress=lambda message: campaign.log(message, quiet=True))
 
 
 def _phase_explore(campaign: Campaign, tracker: Tracker) -> None:
@@ -245,7 +364,7 @@ def _phase_track(campaign: Campaign, tracker: Tracker) -> None:
 
 
 PHASES: dict[str, Callable[[Campaign, Tracker], None]] = {
-    "train": _phase_train, "explore": _phase_explore, "select": _phase_select,
+    "train": _phase_train, "stability": _phase_stability, "explore": _phase_explore, "select": _phase_select,
     "label": _phase_label, "track": _phase_track,
 }
 

@@ -71,8 +71,10 @@ def final_model_path(directory: Path | str) -> Path:
     return model
 
 
-def export_campaign(directory: Path, out: Path) -> dict[str, str]:
-    """Copy the final (or latest) model and write the whole labelled data set to ``out``."""
+def export_campaign(directory: Path, out: Path) -> dict[str, Any]:
+    """Copy the final (or latest) model and write the whole labelled data set to ``out``; returns
+    the paths (str), the number of structures (int) and whether the campaign is done (bool), typed
+    as such so that ``al export``'s JSON has numbers and booleans, not strings."""
     directory, out = Path(directory), Path(out)
     model = final_model_path(directory)
     state = read_json(directory / "state.json")
@@ -82,7 +84,7 @@ def export_campaign(directory: Path, out: Path) -> dict[str, str]:
     structures += LabelledSet(directory / "labelled.extxyz", repair=False).read()  # complete frames only
     write(out / "dataset.extxyz", structures, format="extxyz")
     return {"model": str(out / "model.pt"), "dataset": str(out / "dataset.extxyz"),
-            "structures": str(len(structures)), "final": str(state.get("phase") == "done")}
+            "structures": len(structures), "final": state.get("phase") == "done"}
 
 
 def _al(parser: argparse.ArgumentParser) -> Runner:

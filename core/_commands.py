@@ -1,5 +1,5 @@
 """Core CLI sub-commands, registered through the same ``register_commands`` hook as any plugin:
-``train``, ``evaluate``, ``md``, ``import-model``, ``plugins``, ``demo`` and ``data``."""
+``train``, ``evaluate``, ``md``, ``relax``, ``import-model``, ``export``, ``plugins``, ``demo`` and ``data``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ._data_commands import data_command
+from ._data_commands import _option as _source_option, data_command
+from ._distill_command import distill_command
+from ._export_command import export_command
+from ._relax_command import relax_command
+from ._sweep_command import sweep_command
+from ._stability_command import stability_command
 from ._specs import CommandSpec, PluginKind
 from .hookspecs import hookimpl
 from .registry import Registry
@@ -57,7 +62,9 @@ def _launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command, env=env)
 
 
-def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:
+def _format_metrics(name: str, n: int, metrics: dict[str, Any]) -> str:
+    from .analysis.metrics import format_config_type_table  # torch: imported when a table is printed
+
     rows = [f"{name}  ({n} structures)"]
     units = {"energy": "meV/atom", "forces": "meV/Å", "stress": "meV/Å³"}
     for prefix, unit in units.items():
@@ -67,6 +74,7 @@ def _format_metrics(name: str, n: int, metrics: dict[str, float]) -> str:
                         f"{metrics[prefix + '_rmse']:10.3f}  {unit}  ({count} of {n} structures)")
     if len(rows) == 1:
         rows.append("  (no labels to compare against)")
+    rows.extend(format_config_type_table(metrics.get("config_types", {})))
     rows.extend(_format_uq(metrics))
     rows.extend(f"  {key[8:]:<28} {value:12.5g}" for key, value in metrics.items() if key.startswith("physics_"))
     return "\n".join(rows)
@@ -114,6 +122,9 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("model", type=Path, help="model file (model.pt)")
     parser.add_argument("data", nargs="+", type=Path, help="labelled structure files")
     parser.add_argument("--source", default="ase", help="data-source plugin used to read DATA")
+    parser.add_argument("--option", dest="options", action="append", type=_source_option, default=[],
+                        metavar="KEY=VALUE", help="an option of the data source, e.g. energy_key=REF_energy "
+                        "(MACE-style files; repeatable)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (errors and UQ metrics; "
@@ -135,10 +146,12 @@ def _evaluate(parser: argparse.ArgumentParser) -> Runner:
         reader = registry.get(PluginKind.DATA_SOURCE, args.source).factory
         report = {}
         for path in args.data:
-            structures = reader({"path": str(path)}, Path.cwd())
+            structures = reader({**dict(args.options), "path": str(path)}, Path.cwd())
             acc = evaluate(model, structures, batch_size=args.batch_size, fields=registry.fields, head=head)
             report[str(path)] = {"n_structures": len(structures), **acc.metrics(),
                                  **{f"{quantity}_count": n for quantity, n in acc.counts.items()}}
+            if acc.config_type_table():  # MACE's per-config_type error table
+                report[str(path)]["config_types"] = acc.config_type_table()
             if hasattr(model, "calibration"):  # a UQ head: spread vs error too
                 report[str(path)].update(uncertainty_metrics(model, structures, batch_size=args.batch_size))
             if args.physics:  # rotation error, curl, NVE drift, MD stability (docs/physics.md)
@@ -161,13 +174,24 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("structure", type=Path, help="starting structure (any ase.io format)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--temperature", type=float, required=True, help="K")
-    parser.add_argument("--ensemble", choices=("nve", "nvt"), default="nvt")
+    parser.add_argument("--ensemble", choices=("nve", "nvt", "npt"), default="nvt",
+                        help="nve: velocity Verlet (reports the energy drift); nvt: Langevin; npt: MTK or Berendsen "
+                             "barostat (3D-periodic cells; reports mean pressure and volume)")
     parser.add_argument("--timestep", type=float, default=1.0, help="fs")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    npt = parser.add_argument_group("NPT (--ensemble npt; docs/cli.md)")
+    npt.add_argument("--pressure", type=float, default=0.0, help="external pressure, GPa (1 GPa = 10 kbar)")
+    npt.add_argument("--barostat", choices=("mtk", "berendsen"), default="mtk",
+                     help="mtk: ASE IsotropicMTKNPT (samples NPT); berendsen: NPTBerendsen (equilibration)")
+    npt.add_argument("--thermostat-time", type=float, default=100.0, help="thermostat time constant, fs")
+    npt.add_argument("--barostat-time", type=float, default=1000.0, help="barostat time constant, fs")
+    npt.add_argument("--compressibility", type=float, default=0.01,
+                     help="berendsen only: the material's compressibility, 1/GPa (1/bulk modulus)")
     parser.add_argument("--out", type=Path, default=Path("traj.extxyz"))
     parser.add_argument("--interval", type=int, default=10, help="write every N-th step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("flagging uncertain configurations (UQ models; docs/active_learning.md)")
     group.add_argument("--flag-uncertain", type=float, metavar="LEVEL",
                        help="append every step whose max force std is ≥ LEVEL (eV/Å) to the candidates file")
@@ -186,14 +210,19 @@ def _md(parser: argparse.ArgumentParser) -> Runner:
         if args.candidates is not None and args.flag_uncertain is None:
             raise ConfigError("--candidates needs --flag-uncertain LEVEL (the trust level, max force std in eV/Å)")
         candidates = (args.candidates or Path("candidates.extxyz")) if args.flag_uncertain is not None else None
+        if not args.structure.exists():
+            raise ConfigError(f"structure file {str(args.structure)!r} does not exist")
         calculator = load_calculator(args.model, registry=registry, flag_uncertain=args.flag_uncertain,
                                      candidates=candidates, device=args.device)
         atoms = ase.io.read(args.structure, index=-1)
         summary = run_md(atoms, calculator, steps=args.steps,
                          temperature=args.temperature, ensemble=args.ensemble,
-                         timestep_fs=args.timestep, friction_per_fs=args.friction, out=args.out,
-                         interval=args.interval, seed=args.seed)
-        report = {"trajectory": str(args.out), **asdict(summary)}
+                         timestep_fs=args.timestep, friction_per_fs=args.friction, pressure_GPa=args.pressure,
+                         barostat=args.barostat, thermostat_time_fs=args.thermostat_time,
+                         barostat_time_fs=args.barostat_time, compressibility_per_GPa=args.compressibility,
+                         out=args.out, interval=args.interval, seed=args.seed, progress=not args.quiet)
+        # only what means something for the ensemble: no energy drift under a thermostat, no volume without a cell
+        report = {"trajectory": str(args.out), **{k: v for k, v in asdict(summary).items() if v is not None}}
         if candidates is not None:
             report["candidates"] = str(candidates)
             print(f"flagged {summary.flagged} of {summary.steps + 1} configurations (max force std ≥ "
@@ -215,16 +244,26 @@ def _plugins(parser: argparse.ArgumentParser) -> Runner:
         if args.json:
             print(json.dumps({"plugins": listing, "failures": [f.__dict__ for f in registry.failures]}, indent=2))
             return 0
-        for kind, items in listing.items():
-            print(f"{kind}:")
-            for item in items or [{"name": "(none)", "distribution": "", "description": ""}]:
-                dist = f"[{item['distribution']}]" if item["distribution"] else ""
-                print(f"  {item['name']:<16} {dist:<18} {item['description']}")
+        print("\n".join(_plugin_table(listing)))
         for failure in registry.failures:
             print(f"FAILED plugin {failure.plugin!r} ({failure.distribution}): {failure.error}")
         return 0
 
     return run
+
+
+def _plugin_table(listing: dict[str, list[dict[str, str]]]) -> list[str]:
+    """``atomforge plugins`` as text: one section per kind, the name, ``[distribution]`` and
+    description columns as wide as their longest entry over all sections (all rows line up)."""
+    rows = {kind: [(item["name"], f"[{item['distribution']}]" if item["distribution"] else "", item["description"])
+                   for item in items] or [("(none)", "", "")] for kind, items in listing.items()}
+    name_width = max(len(name) for entries in rows.values() for name, _, _ in entries)
+    dist_width = max(len(dist) for entries in rows.values() for _, dist, _ in entries)
+    lines = []
+    for kind, entries in rows.items():
+        lines.append(f"{kind}:")
+        lines.extend(f"  {name:<{name_width}}  {dist:<{dist_width}}  {text}".rstrip() for name, dist, text in entries)
+    return lines
 
 
 def _fields(registry: Registry) -> list[dict[str, str]]:
@@ -277,11 +316,21 @@ def _import_model(parser: argparse.ArgumentParser) -> Runner:
 def register_commands(register) -> None:  # noqa: ANN001
     register(CommandSpec("train", _train, "train a model from a YAML config", help="train from YAML"))
     register(CommandSpec("evaluate", _evaluate, "errors of a model on labelled data", help="evaluate a model"))
-    register(CommandSpec("md", _md, "molecular dynamics with a model (ASE)", help="run MD"))
+    register(CommandSpec("md", _md, "molecular dynamics with a model (ASE): NVE, NVT, NPT", help="run MD"))
+    register(CommandSpec("relax", relax_command, "geometry optimisation with a model: positions and, with --cell, "
+                         "the cell (ASE BFGS/LBFGS/FIRE)", help="relax structures (and cells)"))
+    register(CommandSpec("distill", distill_command, "distil a teacher (model file or oracle) into a fast "
+                         "student: sampling, teacher labels with Hessian rows, training", help="distil a model"))
+    register(CommandSpec("stability", stability_command, "MD-stability suite of a model: stable time over temperatures "
+                         "and starts, NVE drift, RDF vs reference MD (docs/stability.md)", help="MD stability of a model"))
     register(CommandSpec("import-model", _import_model, "translate another package's model file (MACE) into an "
                          "atomforge model file", help="import a MACE (or other) model file"))
+    register(CommandSpec("export", export_command, "export a model file for deployment: metatomic (LAMMPS, ASE, "
+                         "torch-sim) or TorchScript (docs/deploy.md)", help="export a model for LAMMPS / TorchScript"))
     register(CommandSpec("plugins", _plugins, "list registered plugins by kind", help="list plugins"))
     register(CommandSpec("demo", _demo, "main job: EMT-labelled Cu → train → evaluate → MD, tracked in MLflow",
                          help="run the end-to-end demo"))
+    register(CommandSpec("sweep", sweep_command, "a grid of trainings (data size × model × budget × init × seed) "
+                         "tracked under one MLflow run, resumable; scaling-law fits (docs/sweep.md)", help="scaling sweep"))
     register(CommandSpec("data", data_command, "structure stores: pack | info | split | sample | export "
                          "(docs/data.md)", help="pack data into a structure store, inspect, split, export"))

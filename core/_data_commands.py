@@ -46,6 +46,14 @@ def _add_pack(sub: Any) -> None:
                    help="an option of the --source plugin (repeatable)")
     p.add_argument("--campaign", action="append", type=Path, default=[], metavar="DIR",
                    help="an active-learning campaign's data (initial.extxyz + labelled set; re-packing adds new labels)")
+    keys = p.add_argument_group("label keys (MACE's energy_key, ...; docs/data.md)",
+                                "where the labels of files read by ASE are: info[ENERGY_KEY], arrays[FORCES_KEY], "
+                                "info[STRESS_KEY], info[VIRIALS_KEY] (stress = -virials/volume), or a calculator's "
+                                "results of that name. Stored under atomforge's names.")
+    for quantity, mace in (("energy", "REF_energy"), ("forces", "REF_forces"), ("stress", "REF_stress"),
+                           ("virials", "REF_virials")):
+        keys.add_argument(f"--{quantity}-key", default=quantity, metavar="KEY",
+                          help=f"default {quantity!r}; MACE's files: {mace}")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes reading, validating and encoding whole files (same store for any N)")
     p.add_argument("--compress", action="store_true", help="zlib-compress each record")
@@ -89,17 +97,19 @@ def _add_others(sub: Any) -> None:
 
 def _pack(args: argparse.Namespace, registry: Registry) -> int:
     from .data import packing
+    from .data.structures import LabelKeys
 
     if args.options and args.source is None:
         raise ConfigError("--option needs --source NAME (the data-source plugin the options are for)")
     if not (args.sources or args.source or args.campaign):
         raise ConfigError("nothing to pack: give SOURCE files or globs, --source NAME, or --campaign DIR")
     options = dict(args.options)
+    keys = LabelKeys(energy=args.energy_key, forces=args.forces_key, stress=args.stress_key, virials=args.virials_key)
     sources = []
     if args.source is not None and not args.sources:
-        sources.append(packing.plugin_source(registry, args.source, options))
+        sources.append(packing.plugin_source(registry, args.source, {**keys.as_options(), **options}))
     elif args.sources:
-        sources.extend(packing.file_sources(registry, args.sources, plugin=args.source, options=options))
+        sources.extend(packing.file_sources(registry, args.sources, plugin=args.source, options=options, keys=keys))
     for campaign in args.campaign:
         sources.extend(packing.campaign_sources(campaign))
     settings = packing.PackSettings(workers=args.workers, compress=True if args.compress else None,

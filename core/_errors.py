@@ -14,6 +14,7 @@ __all__ = [
     "UnknownPluginError",
     "DuplicatePluginError",
     "ModelFileError",
+    "ExportError",
     "ModelOutputError",
     "TrainingDivergedError",
     "UnseenElementError",
@@ -60,6 +61,12 @@ class StoreError(AtomforgeError):
 class ModelFileError(AtomforgeError):
     """Raised when a model file is unreadable, corrupted (content hash mismatch), of an unknown
     format, has an invalid config, or needs a missing plugin."""
+
+
+class ExportError(AtomforgeError):
+    """Raised by ``atomforge export`` when a model cannot be exported in the requested format: a
+    backbone TorchScript cannot compile, a format this torch or a missing package cannot write, an
+    exported file that disagrees with the eager model."""
 
 
 class ForeignModelFileError(ModelFileError):

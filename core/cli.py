@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ._errors import AtomforgeError
 from ._specs import PluginKind
 from .registry import Registry, make_registry
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quiet_output", "version_line"]
 
 
 def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -33,14 +35,56 @@ def build_parser(registry: Registry) -> tuple[argparse.ArgumentParser, dict[str,
 
 
 def version_line() -> str:
-    """``atomforge X (torch Y, Python Z)``: what ``atomforge --version`` prints."""
+    """``atomforge X (torch Y, Python Z)``: what ``atomforge --version`` prints. The versions are
+    those of the installed distributions (``importlib.metadata``), i.e. what ``pip`` installed;
+    a source tree that is not installed falls back to ``atomforge.__version__``."""
+    import importlib.metadata
     import platform
 
-    import torch
+    def installed(name: str, fallback: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return fallback
 
     from . import __version__
 
-    return f"atomforge {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+    return (f"atomforge {installed('atomforge', __version__)} (torch {installed('torch', 'not installed')}, "
+            f"Python {platform.python_version()})")
+
+
+QUIET_LOGGERS = ("mlflow", "alembic")  # libraries that log INFO lines through handlers of their own
+
+
+@contextlib.contextmanager
+def quiet_output(quiet: bool) -> Iterator[None]:
+    """``--quiet``: MLflow and alembic (MLflow's database migrations) log INFO lines through their
+    own stderr handlers ("Creating initial MLflow database tables..."); while ``quiet`` only their
+    warnings and errors pass (or a stricter ``MLFLOW_LOGGING_LEVEL`` the user set).
+    ``MLFLOW_LOGGING_LEVEL`` is read when mlflow is imported, here or in the processes this one
+    starts (active-learning training jobs); the logger levels cover an mlflow imported already.
+    Both are restored afterwards (``main`` may be called in-process, e.g. by tests)."""
+    if not quiet:
+        yield
+        return
+    saved_env = os.environ.get("MLFLOW_LOGGING_LEVEL")
+    user = logging.getLevelName((saved_env or "WARNING").upper())
+    level = max(user if isinstance(user, int) else logging.WARNING, logging.WARNING)
+    saved_levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    os.environ["MLFLOW_LOGGING_LEVEL"] = logging.getLevelName(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+        else:
+            os.environ["MLFLOW_LOGGING_LEVEL"] = saved_env
+        for name, saved in saved_levels.items():
+            if saved == logging.NOTSET and name == "mlflow" and "mlflow" in sys.modules:
+                saved = logging.getLevelName((saved_env or "INFO").upper())  # mlflow, imported meanwhile, sets this
+            logging.getLogger(name).setLevel(saved if isinstance(saved, int) else logging.INFO)
 
 
 def _strip_launcher_rank(argv: list[str]) -> list[str]:
@@ -77,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        return int(runners[args.command](args, registry) or 0)  # type: ignore[operator]
+        with quiet_output(bool(getattr(args, "quiet", False))):  # train/md/relax/al run --quiet
+            return int(runners[args.command](args, registry) or 0)  # type: ignore[operator]
     except AtomforgeError as error:
         print(f"atomforge: error: {error}", file=sys.stderr)
         return 2

@@ -76,6 +76,7 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # other keys: the backbone's options
     init_from: str | None = None  # a model file to start from (fine-tune; see core/finetune.py)
     heads: tuple[str, ...] | None = None  # readout heads (levels of theory / data sources); null: one
+    E0s: Any = "fit"  # reference energies from scratch: fit (MACE: average) | isolated | {element: eV}
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ class RunConfig:
         for term in out["loss"]:
             if term.get("head") is None:
                 term.pop("head", None)
+        if out["model"].get("E0s") == "fit":  # the default; configs of older runs (resume) do not have it
+            out["model"].pop("E0s", None)
         if out["model"].get("heads") is None:
             out["model"].pop("heads", None)
         else:
@@ -516,7 +519,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     model = dataclasses.replace(model, cutoff=_coerce({"cutoff": model.cutoff}, ModelConfig, "model")["cutoff"])
     if model.dtype not in ("float32", "float64"):
         raise ConfigError(f"model.dtype must be float32 or float64; got {model.dtype!r}")
-    model = dataclasses.replace(model, heads=_heads(model.heads))
+    model = dataclasses.replace(model, heads=_heads(model.heads), E0s=_e0s(model.E0s, model.init_from))
     for k, term in enumerate(_loss(raw.get("loss"))):
         if term.head is not None and term.head not in (model.heads or ("default",)):
             raise ConfigError(f"loss[{k}] ({term.name}).head {term.head!r} is not one of model.heads "
@@ -542,6 +545,29 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path | str = ".") -> RunC
     )
     check_ranges(config)
     return config
+
+
+E0S_MODES = ("fit", "average", "isolated")
+
+
+def _e0s(value: Any, init_from: Any) -> Any:
+    """``model.E0s``: ``fit`` (``average``, MACE's name for the same least-squares fit, is read as
+    ``fit``), ``isolated``, or a mapping of element (symbol or Z) to eV, kept as given (checked
+    against the data's elements when training starts)."""
+    if value is None or value == "average":
+        value = "fit"
+    if isinstance(value, Mapping):
+        bad = {k: v for k, v in value.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if not value or bad:
+            raise ConfigError(f"model.E0s: expected eV per element, e.g. {{H: -13.6, O: -432.1}}; got {dict(value)!r}")
+        value = {str(k): float(v) for k, v in value.items()}
+    elif value not in E0S_MODES:
+        raise ConfigError(f"model.E0s: expected one of {', '.join(E0S_MODES)} or a mapping of element to eV "
+                          f"(e.g. {{H: -13.6}}); got {value!r}")
+    if init_from is not None and value != "fit":
+        raise ConfigError("model.E0s applies to training from scratch; a run with model.init_from takes its reference "
+                          "energies from finetune.reference_energies (auto | keep | refit | {element: eV})")
+    return value
 
 
 def _heads(value: Any) -> tuple[str, ...] | None:

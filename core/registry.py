@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "atomforge.plugins.tensornet",
     "atomforge.plugins.losses",
     "atomforge.plugins.physics_losses",
+    "atomforge.plugins.hessian",
     "atomforge.plugins.denoising",
     "atomforge.plugins.data_sources",
     "atomforge.plugins.oracles",

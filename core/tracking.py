@@ -37,8 +37,13 @@ class Tracker(Protocol):
         """One line telling the user where to find the run."""
         ...
 
-    # optional: ``last_step(key) -> int | None``, the largest step logged for ``key`` in the run;
-    # a resumed training run uses it to avoid logging an epoch twice.
+    # optional, used when present (docs/tracking.md):
+    # ``last_step(key) -> int | None``, the largest step logged for ``key`` in the run (a resumed
+    #   training run uses it to avoid logging an epoch twice);
+    # ``set_tags(tags)``; ``log_model(path)``, the model file in the tracker's own model format;
+    # ``nested_options() -> dict``, factory options that open a run nested under this one from
+    #   another process (a campaign's training job), and ``child(run_name, run_id=...)``, which
+    #   reopens such a run.
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,7 +59,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class TrackerCallback:
-    """Training-loop callback that logs each epoch's metrics; epochs up to ``logged_through``
+    """Training-loop callback that logs each epoch's metrics (step = epoch): ``train_loss``,
+    ``valid_loss``, ``lr``, ``elapsed_s``, ``valid_<error>``, each loss term as
+    ``train_loss_<term>`` and ``valid_loss_<term>`` (unweighted), the running train-set errors
+    ``train_<error>`` and the backend's ``train_<measurement>``. Epochs up to ``logged_through``
     (already in a resumed run's tracker) are skipped, so no epoch is logged twice."""
 
     def __init__(self, tracker: Tracker, *, logged_through: int | None = None) -> None:
@@ -71,5 +79,8 @@ class TrackerCallback:
             "elapsed_s": record.elapsed,
             **{f"valid_{k}": v for k, v in record.valid_metrics.items()},
             **{f"train_{k}": v for k, v in getattr(record, "train_metrics", {}).items()},
+            **{f"train_loss_{k}": v for k, v in getattr(record, "train_terms", {}).items()},
+            **{f"valid_loss_{k}": v for k, v in getattr(record, "valid_terms", {}).items()},
+            **{f"train_{k}": v for k, v in getattr(record, "train_errors", {}).items()},
         }
         self.tracker.log_metrics(metrics, step=record.epoch)

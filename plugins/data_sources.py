@@ -4,6 +4,7 @@ structure store written by ``atomforge data pack``, streamed during training).""
 
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
-from atomforge import (ConfigError, DataSourceSpec, DataValidationError, StoreStructures, StructureStore, attach_labels,
-                       hookimpl)
+from atomforge import (ConfigError, DataSourceSpec, DataValidationError, LabelKeys, StoreStructures, StructureStore,
+                       attach_labels, get_labels, hookimpl, relabel)
 
 
 def _paths(options: dict[str, Any], base_dir: Path) -> list[Path]:
@@ -33,15 +34,20 @@ def _paths(options: dict[str, Any], base_dir: Path) -> list[Path]:
 
 
 def read_ase(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
-    """Options: ``path``/``paths``, ``index`` (default ``":"``), ``format`` (default: guessed)."""
+    """Options: ``path``/``paths``, ``index`` (default ``":"``), ``format`` (default: guessed), and
+    MACE's ``energy_key``, ``forces_key``, ``stress_key``, ``virials_key`` (where the labels are:
+    ``info[energy_key]``, ``arrays[forces_key]``, ``info[stress_key]``, ``info[virials_key]`` or a
+    calculator's results of that name; defaults ``energy``, ``forces``, ``stress``, ``virials``)."""
     import ase.io
 
     options = dict(options)
     paths = _paths(options, base_dir)
     index = options.pop("index", ":")
     fmt = options.pop("format", None)
+    keys = LabelKeys.pop_from(options, "ase data source")
     if options:
-        raise ConfigError(f"ase data source: unknown option(s) {sorted(options)}; valid: path, paths, index, format")
+        raise ConfigError(f"ase data source: unknown option(s) {sorted(options)}; valid: path, paths, index, format, "
+                          + ", ".join(LabelKeys.OPTIONS))
     structures: list[Atoms] = []
     for path in paths:
         try:
@@ -51,8 +57,25 @@ def read_ase(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
                 read = ase.io.read(path, index=index, format=fmt)
         except Exception as error:  # noqa: BLE001 - reader errors vary by format
             raise DataValidationError(f"ase.io.read could not read {path}: {error}") from error
-        structures.extend(read if isinstance(read, list) else [read])
+        structures.extend(_with_keys(read if isinstance(read, list) else [read], keys, path))
     return structures
+
+
+def _with_keys(structures: list[Atoms], keys: LabelKeys, path: Path) -> list[Atoms]:
+    """``structures`` with their labels read from ``keys`` (as they are when the keys are the
+    defaults and no structure has virials); warns when a chosen key is in none of them."""
+    if keys.is_default and not any(keys.virials in a.info for a in structures):
+        return structures
+    out = [relabel(a, keys, where=f"structure {k} of {path}") for k, a in enumerate(structures)]
+    for quantity in ("energy", "forces"):
+        key = getattr(keys, quantity)
+        if key != quantity and structures and not any(get_labels(a).has(quantity) for a in out):
+            first = structures[0]
+            warnings.warn(f"ase data source: {quantity}_key {key!r} is in none of the {len(out)} structures of "
+                          f"{path}, which are therefore unlabelled for {quantity} (the first has info keys "
+                          f"{sorted(first.info)}, arrays {sorted(first.arrays)} and calculator results "
+                          f"{sorted(getattr(first.calc, 'results', {}) or {})})", stacklevel=3)
+    return out
 
 
 def _is_ase_db(path: Path, fmt: str | None) -> bool:
@@ -76,6 +99,16 @@ def _read_db(path: Path, index: Any) -> list[Atoms]:
     return structures
 
 
+def _pv_per_volume(run: Any) -> float:
+    """The external pressure ``PSTRESS`` of a VASP run, eV/Å³ (0 without one). VASP adds P·V to the
+    ionic step's ``e_fr_energy`` in vasprun.xml (an enthalpy; OUTCAR's TOTEN and the SCF steps'
+    energies do not have it), so the source takes it off again, as ASE's vasprun reader does."""
+    for table in (getattr(run, "parameters", None) or {}, getattr(run, "incar", None) or {}):
+        if table.get("PSTRESS") is not None:
+            return float(table["PSTRESS"]) * 0.1 * GPa  # kBar → eV/Å³
+    return 0.0
+
+
 def _vasprun_frames(path: Path) -> list[Atoms]:
     from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.io.vasp import Vasprun
@@ -90,12 +123,14 @@ def _vasprun_frames(path: Path) -> list[Atoms]:
             "run, or a run that stopped before its first ionic step?)"
         )
     frames = []
+    pressure = _pv_per_volume(run)
     for step in run.ionic_steps:
         atoms = AseAtomsAdaptor.get_atoms(step["structure"])
         stress = step.get("stress")
         frames.append(attach_labels(
             atoms,
-            energy=step["e_fr_energy"],
+            # the free energy (TOTEN, which VASP's forces are the derivative of) without PSTRESS's P·V
+            energy=step["e_fr_energy"] - pressure * atoms.get_volume(),
             forces=np.asarray(step["forces"]),
             # VASP reports stress in kBar with pressure positive; ASE wants eV/Å³, tension positive.
             stress=None if stress is None else -0.1 * GPa * np.asarray(stress),
@@ -104,8 +139,10 @@ def _vasprun_frames(path: Path) -> list[Atoms]:
 
 
 def read_pymatgen(options: dict[str, Any], base_dir: Path) -> list[Atoms]:
-    """Options: ``path``/``paths``. vasprun.xml yields every ionic step with its labels; CIF,
-    POSCAR/CONTCAR and Structure JSON yield unlabelled structures (e.g. MD starting points)."""
+    """Options: ``path``/``paths``. vasprun.xml yields every ionic step with its labels (energy:
+    VASP's free energy TOTEN without the P·V of ``PSTRESS`` — ASE's ``free_energy``; forces;
+    stress); CIF, POSCAR/CONTCAR and Structure JSON yield unlabelled structures (e.g. MD
+    starting points)."""
     try:
         from pymatgen.core import Structure
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -152,6 +189,11 @@ def read_store(options: dict[str, Any], base_dir: Path) -> Any:
     e.g. ``train``) or ``indices`` (a list or ``"start:stop"``). Training streams the structures
     (read and turned into graphs when a batch needs them); nothing is loaded up front."""
     options = dict(options)
+    given_keys = sorted(k for k in LabelKeys.OPTIONS if k in options)
+    if given_keys:
+        raise ConfigError(f"store data source: {', '.join(given_keys)} cannot be applied to a store (its labels were "
+                          "read when it was packed); pack with them instead: atomforge data pack OUT FILES "
+                          "--energy-key REF_energy --forces-key REF_forces ... (docs/data.md)")
     paths = _paths(options, base_dir)
     split, indices = options.pop("split", None), options.pop("indices", None)
     fidelity, config_type = options.pop("fidelity", None), options.pop("config_type", None)

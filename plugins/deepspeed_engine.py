@@ -414,6 +414,14 @@ class DeepSpeedBackend:
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         model = copy.deepcopy(self._template)
         model.load_state_dict(state, assign=True)
+        # buffers outside the state dict (non-persistent: e.g. the constants of e3nn's compiled
+        # tensor products in SevenNet) are not sharded: take them from this rank's live module
+        live = dict(self.model.named_buffers())
+        for name, buffer in list(model.named_buffers()):
+            if buffer.is_meta and name in live:
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                module._buffers[leaf] = live[name].detach().to("cpu", copy=True)
         return model.eval()
 
     def save_state(self, folder: Path) -> None:

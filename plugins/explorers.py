@@ -3,7 +3,9 @@
 - ``md`` — Langevin NVT (or Berendsen NPT where the calculator gives stress) at one or more
   temperatures; a trajectory stops as soon as its max force std reaches the upper trust level
   (read from ``calc.results['forces_std'|'forces_std_max']``), since beyond it the model's
-  dynamics are no longer trustworthy;
+  dynamics are no longer trustworthy. ``engine: torch_sim`` runs all trajectories of a call as
+  one batch through torch-sim (NVT only; needs the ``torchsim`` extra and an atomforge model);
+  the default ``ase`` runs them one by one with any ASE calculator;
 - ``perturb`` — random rattles of the positions and (for periodic cells) random strains;
 - ``normal_modes`` — normal-mode sampling for molecules: Boltzmann-distributed displacements
   along the modes of a finite-difference Hessian of the calculator;
@@ -25,12 +27,15 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
 from atomforge import (
+    AtomforgeCalculator,
     ConfigError,
     DataValidationError,
     ExplorerSpec,
     hookimpl,
     read_candidates,
     structure_hash,
+    torchsim_available,
+    torchsim_model,
     uncertainty_of,
 )
 
@@ -49,17 +54,22 @@ def _snapshot(atoms: Atoms, **info: object) -> Atoms:
     return frame
 
 
+ENGINES = ("ase", "torch_sim")
+
+
 class MDExplorer:
     """Molecular dynamics with the model, stopped at the upper trust level."""
 
     def __init__(self, *, temperatures: Sequence[float] = (300.0,), steps: int = 200, interval: int = 10,
                  timestep_fs: float = 1.0, friction_per_fs: float = 0.02, ensemble: str = "nvt",
                  pressure_gpa: float = 0.0, taut_fs: float = 100.0, taup_fs: float = 1000.0,
-                 compressibility_per_gpa: float = 0.01) -> None:
+                 compressibility_per_gpa: float = 0.01, engine: str = "ase") -> None:
         if ensemble not in ("nvt", "npt"):
             raise ConfigError(f"md explorer: ensemble must be 'nvt' or 'npt'; got {ensemble!r}")
         if steps < 1 or interval < 1:
             raise ConfigError(f"md explorer: steps and interval must be ≥ 1; got {steps}, {interval}")
+        _check_engine(engine, ensemble)
+        self.engine = engine  # ase (one trajectory at a time, any calculator) | torch_sim (all at once)
         self.temperatures = [float(t) for t in np.atleast_1d(temperatures)]  # K, one run per start each
         self.steps = steps  # MD steps per trajectory (at most)
         self.interval = interval  # keep every interval-th frame as a candidate
@@ -116,9 +126,129 @@ class MDExplorer:
 
     def explore(self, starts: Sequence[Atoms], calculator: Calculator, *, hi: float | None,
                 seed: int) -> list[Atoms]:
+        if self.engine == "torch_sim":
+            return _BatchedMD(self, calculator, hi, seed).run(starts)
         rng = np.random.default_rng(seed)
         return [frame for start in starts for temperature in self.temperatures
                 for frame in self._trajectory(start, calculator, temperature, hi, rng)]
+
+
+def _check_engine(engine: str, ensemble: str) -> None:
+    """Fail when the campaign opens, not after its first training: an unknown engine, NPT
+    through torch-sim, or torch-sim not installed."""
+    if engine not in ENGINES:
+        raise ConfigError(f"md explorer: engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "torch_sim" and ensemble != "nvt":
+        raise ConfigError("md explorer: engine torch_sim runs NVT (Langevin) only; use ensemble: nvt, or "
+                          "engine: ase for Berendsen NPT")
+    if engine == "torch_sim" and not torchsim_available():
+        raise ConfigError("md explorer: engine torch_sim needs torch-sim, which is not installed here: "
+                          "pip install 'atomforge[torchsim]' (Python ≥ 3.11), or use engine: ase")
+
+
+class _BatchedMD:
+    """The ``md`` explorer's trajectories (every start at every temperature) as one torch-sim
+    batch: BAOAB Langevin NVT with the centre of mass held still, each system stopped on its own
+    at the first step with σ ≥ hi (that frame kept) or when the model refuses it (overlapping
+    atoms, NaN/inf: a warning, the frames before kept) — the rules of the ASE path.
+
+    σ of every step comes with the step: the adapter keeps the outputs of its latest call
+    (``last_outputs``), which the integrator made at the new positions.
+    """
+
+    def __init__(self, explorer: MDExplorer, calculator: Calculator, hi: float | None, seed: int) -> None:
+        if not isinstance(calculator, AtomforgeCalculator):
+            raise ConfigError(f"md explorer: engine torch_sim runs an atomforge model, so it needs an atomforge "
+                              f"calculator (load_calculator); got {type(calculator).__name__}. Use engine: ase")
+        self.explorer, self.hi, self.seed = explorer, hi, seed
+        self.model = torchsim_model(calculator.model, head=calculator.head, device=calculator.device,
+                                    compute_stress=False, strict=False)
+
+    def run(self, starts: Sequence[Atoms]) -> list[Atoms]:
+        jobs = [(start, float(t)) for start in starts for t in self.explorer.temperatures]
+        frames: list[list[Atoms]] = [[] for _ in jobs]
+        for periodic in (False, True):  # a torch-sim state is periodic along all axes or none
+            group = [k for k, (start, _) in enumerate(jobs) if bool(start.pbc.all()) == periodic]
+            if group:
+                self._group([jobs[k] for k in group], [frames[k] for k in group])
+        return [frame for trajectory in frames for frame in trajectory]
+
+    def _group(self, jobs: list[tuple[Atoms, float]], frames: list[list[Atoms]]) -> None:
+        import torch
+        import torch_sim as ts
+
+        for start, _ in jobs:
+            _check_batchable(start, self.model.head)
+        md = self.explorer
+        model = self.model
+        kT = torch.tensor([t * units.kB for _, t in jobs], dtype=model.dtype, device=model.device)
+        dt = torch.tensor(md.timestep_fs * units.fs, dtype=model.dtype, device=model.device)
+        gamma = torch.tensor(md.friction_per_fs / units.fs, dtype=model.dtype, device=model.device)
+        state = ts.io.atoms_to_state([start for start, _ in jobs], model.device, model.dtype)
+        init, update = ts.nvt_langevin(model=model, dt=dt, kT=kT, gamma=gamma, seed=self.seed)
+        devices = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # Langevin noise: seeded, the caller's RNG untouched
+            torch.manual_seed(self.seed)
+            state = init(state, kT=kT, seed=self.seed)
+            rows = list(range(len(jobs)))  # the job of each system still in the state
+            for step in range(md.steps + 1):
+                if step > 0:
+                    state = _hold_centre_of_mass(update(state, kT=kT))
+                keep = self._observe(state, rows, jobs, frames, step)
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    state, kT = state[keep], kT[keep]
+                    rows = [rows[r] for r in keep]
+
+    def _observe(self, state: object, rows: list[int], jobs: list[tuple[Atoms, float]],
+                 frames: list[list[Atoms]], step: int) -> list[int]:
+        """Record the frames of ``step`` and return the rows whose trajectories go on."""
+        sigma = self.model.last_outputs.get("forces_std_max")
+        keep = []
+        for r, job in enumerate(rows):
+            start, temperature = jobs[job]
+            problem = self.model.last_problems[r]
+            if problem is not None:
+                _log.warning("md explorer: trajectory at %g K stopped at step %d: %s", temperature, step, problem)
+                continue
+            beyond = self.hi is not None and sigma is not None and float(sigma[r]) >= self.hi
+            if step > 0 and (step % self.explorer.interval == 0 or beyond):
+                frames[job].append(_frame(state, r, start, temperature=temperature, step=step))
+            if not beyond and step < self.explorer.steps:
+                keep.append(r)
+        return keep
+
+
+def _check_batchable(start: Atoms, head: str | int | None) -> None:
+    """A start torch-sim can carry: open or 3D-periodic, and no metadata a SimState would drop
+    (charge, spin; a fidelity unless the calculator fixes the head)."""
+    if start.pbc.any() and not start.pbc.all():
+        raise ConfigError(f"md explorer: engine torch_sim runs molecules or 3D-periodic cells; this start has "
+                          f"pbc={start.pbc.tolist()}. Use engine: ase")
+    for key, default in (("charge", 0), ("spin", 0), *((("fidelity", 0),) if head is None else ())):
+        if float(start.info.get(key, default)) != default:
+            raise ConfigError(f"md explorer: engine torch_sim cannot pass atoms.info[{key!r}] "
+                              f"(= {start.info[key]}) to the model; use engine: ase")
+
+
+def _hold_centre_of_mass(state: object) -> object:
+    """Remove each system's total momentum (ASE's FixCom on the ASE path): the Langevin noise
+    would otherwise make the molecules or cells drift."""
+    masses, index = state.masses, state.system_idx
+    total = masses.new_zeros(state.n_systems, 3).index_add_(0, index, state.momenta)
+    mass = masses.new_zeros(state.n_systems).index_add_(0, index, masses)
+    state.momenta = state.momenta - masses[:, None] * (total / mass[:, None])[index]
+    return state
+
+
+def _frame(state: object, row: int, start: Atoms, **info: object) -> Atoms:
+    """System ``row`` of a torch-sim state as a calculator-free copy of ``start`` at its positions."""
+    mask = (state.system_idx == row).cpu().numpy()
+    atoms = Atoms(start.numbers, state.positions.detach().cpu().double().numpy()[mask],
+                  cell=state.row_vector_cell[row].detach().cpu().double().numpy(), pbc=start.pbc)
+    atoms.info.update(start.info)
+    return _snapshot(atoms, explorer="md", **info)
 
 
 class PerturbExplorer:
@@ -245,7 +375,8 @@ class CandidatesFileExplorer:
 
 @hookimpl
 def register_explorers(register) -> None:  # noqa: ANN001
-    register(ExplorerSpec("md", MDExplorer, "Langevin NVT / Berendsen NPT MD, stopped at the upper trust level"))
+    register(ExplorerSpec("md", MDExplorer, "Langevin NVT / Berendsen NPT MD, stopped at the upper trust level; "
+                                            "engine: ase (default) or torch_sim (batched)"))
     register(ExplorerSpec("perturb", PerturbExplorer, "random rattles and strains"))
     register(ExplorerSpec("normal_modes", NormalModeExplorer, "normal-mode sampling of molecules (FD Hessian)"))
     register(ExplorerSpec("candidates_file", CandidatesFileExplorer,

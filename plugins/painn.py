@@ -36,7 +36,8 @@ float32, ≲1e-13 in float64).
 
 Training mode ignores the option and always takes the unchunked path (bit-identical numbers,
 same speed), as do ``torch.func`` transforms (``vmap``: the vectorised deep ensemble), under
-which checkpointing cannot recompute. Model files written before the option existed have no
+which checkpointing cannot recompute, and compiled code (TorchScript exports, ``atomforge export``;
+``torch.compile``), which has no Python-level checkpointing. Model files written before the option existed have no
 ``edge_chunk`` and load with ``"auto"``.
 """
 
@@ -212,6 +213,7 @@ class PaiNN(Backbone):
             nn.Linear(hidden_channels, hidden_channels // 2), act(), nn.Linear(hidden_channels // 2, int(readout_heads))
         )
         self.num_heads = int(readout_heads)
+        self.message_passing_steps = num_layers
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``embedding``, ``radial`` (the filter network all interactions share),
@@ -219,6 +221,7 @@ class PaiNN(Backbone):
         return {"embedding": ["embedding"], "radial": ["filters"],
                 **{f"interaction.{k}": [f"layers.{k}"] for k in range(len(self.layers))}, "readout": ["readout"]}
 
+    @torch.jit.unused
     def chunk_size(self, num_edges: int, dtype: torch.dtype) -> int | None:
         """Edges per chunk for a batch of ``num_edges`` edges outside training, or ``None`` when
         the message blocks run unchunked (off, in training mode, under ``vmap``, or one chunk).
@@ -237,17 +240,23 @@ class PaiNN(Backbone):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         lengths = batch[K.EDGE_LENGTHS]
         s = self.embedding(batch[K.ELEMENT_INDEX])
-        chunk = self.chunk_size(int(lengths.shape[0]), lengths.dtype)
-        if chunk is None:
-            centre, neighbour = batch[K.EDGE_INDEX][0], batch[K.EDGE_INDEX][1]
-            directions = batch[K.EDGE_VECTORS] / lengths.unsqueeze(-1)
-            basis, envelope = self.radial(lengths)
-            all_filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * self.features, -1)
-            v: torch.Tensor | None = None
-            for layer, filters in zip(self.layers, all_filters):
-                s, v = layer(s, v, filters, directions, centre, neighbour)
-        else:
-            s, v = self._chunked_layers(s, batch, chunk)
+        # exported models (TorchScript, torch.export: `atomforge export`) take the plain path:
+        # checkpointing is Python-only, and the edge count is a symbolic size there
+        if not torch.jit.is_scripting():
+            if self.edge_chunk != 0 and not torch.compiler.is_compiling():
+                chunk = self.chunk_size(int(lengths.shape[0]), lengths.dtype)
+                if chunk is not None:
+                    return self._outputs(*self._chunked_layers(s, batch, chunk))
+        centre, neighbour = batch[K.EDGE_INDEX][0], batch[K.EDGE_INDEX][1]
+        directions = batch[K.EDGE_VECTORS] / lengths.unsqueeze(-1)
+        basis, envelope = self.radial(lengths)
+        all_filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * self.features, -1)
+        v: torch.Tensor | None = None
+        for index, layer in enumerate(self.layers):  # (enumerate, not zip: TorchScript)
+            s, v = layer(s, v, all_filters[index], directions, centre, neighbour)
+        return self._outputs(s, v)
+
+    def _outputs(self, s: torch.Tensor, v: torch.Tensor | None) -> dict[str, torch.Tensor]:
         energy = self.readout(s)
         out = {K.NODE_ENERGY: energy.squeeze(-1) if self.num_heads == 1 else energy, K.NODE_FEATURES: s}
         if v is not None:
@@ -274,6 +283,7 @@ class PaiNN(Backbone):
             dv = dv.addcmul_(dvv.unsqueeze(1), v.index_select(0, neighbour))
         return ds, dv
 
+    @torch.jit.unused
     def _chunked_layers(
         self, s: torch.Tensor, batch: dict[str, torch.Tensor], chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

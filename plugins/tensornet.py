@@ -100,10 +100,11 @@ def _matmul(m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (m.view(n, 3, 3, 1, f) * y.view(n, 1, 3, 3, f)).sum(2).view(n, 9, f)
 
 
-def _scatter_parts(centre: torch.Tensor, num_atoms: int, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _scatter_parts(centre: torch.Tensor, num_atoms: int, parts: list[torch.Tensor]) -> torch.Tensor:
     """Sum the per-edge parts ([E, 1, F], [E, 3, F], [E, 5, F]) onto their centres → packed [N, 9, F].
     The parts are scattered one by one: the edge-level tensors are never expanded or concatenated."""
-    return torch.cat([part.new_zeros((num_atoms, *part.shape[1:])).index_add(0, centre, part) for part in parts], dim=1)
+    return torch.cat([part.new_zeros((num_atoms, part.shape[1], part.shape[2])).index_add(0, centre, part)
+                      for part in parts], dim=1)
 
 
 def _scale_parts(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -143,9 +144,9 @@ class _Embedding(nn.Module):
         # projection of u uᵀ on the five symmetric traceless basis tensors
         outer = (unit.unsqueeze(-1) * unit.unsqueeze(-2)).reshape(-1, 9)
         geometry = (math.sqrt(3.0), math.sqrt(2.0) * unit, outer @ basis[:, 4:9])  # per part: [], [E, 3], [E, 5]
-        p = _scatter_parts(centre, element.shape[0], (weights[:, 0:1] * geometry[0],
+        p = _scatter_parts(centre, element.shape[0], [weights[:, 0:1] * geometry[0],
                                                       weights[:, 1:2] * geometry[1].unsqueeze(-1),
-                                                      weights[:, 2:3] * geometry[2].unsqueeze(-1)))
+                                                      weights[:, 2:3] * geometry[2].unsqueeze(-1)])
         scale = self.scalar(self.norm(_norm2(p))).view(-1, 3, f)
         return _scale_parts(self.mix(p), scale)
 
@@ -163,9 +164,10 @@ class _Interaction(nn.Module):
         # messages Σ_j φ_I(r) I_j + φ_A(r) A_j + φ_S(r) S_j from neighbours j onto centres i
         # gathered part by part from node-level slices: slicing an edge-level tensor would make its
         # backward pass fill whole [E, 9, F] zero tensors, one per slice (measured: ~20 % of a call)
-        message = _scatter_parts(centre, y.shape[0], tuple(
-            weights[:, k:k + 1] * y[:, rows].index_select(0, neighbour)
-            for k, rows in enumerate((slice(0, 1), slice(1, 4), slice(4, 9)))))
+        message = _scatter_parts(centre, y.shape[0], [
+            weights[:, 0:1] * y[:, 0:1].index_select(0, neighbour),
+            weights[:, 1:2] * y[:, 1:4].index_select(0, neighbour),
+            weights[:, 2:3] * y[:, 4:9].index_select(0, neighbour)])
         m, full_y = basis @ message, basis @ y  # full 3×3 tensors, [N, 9, F]
         product = basis.T @ (_matmul(m, full_y) + _matmul(full_y, m))
         product = product / (_norm2(product) + 1.0).unsqueeze(1)
@@ -220,6 +222,8 @@ class TensorNet(Backbone):
         self.readout = nn.Sequential(nn.Linear(hidden_channels, hidden_channels // 2 or 1), act(),
                                      nn.Linear(hidden_channels // 2 or 1, int(readout_heads)))
         self.num_heads = int(readout_heads)
+        self.basis_table = _BASIS  # [9, 9] float64 (see forward)
+        self.message_passing_steps = num_layers + 1  # the embedding sums over neighbours too
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """``embedding``, ``radial`` (filters shared by the interactions), ``interaction.<k>``, ``readout``."""
@@ -233,12 +237,13 @@ class TensorNet(Backbone):
         unit = batch[K.EDGE_VECTORS] / lengths.unsqueeze(-1)
         basis, envelope = self.radial(lengths)
         element = batch[K.ELEMENT_INDEX]
-        basis_tensors = _BASIS.to(device=lengths.device, dtype=lengths.dtype)  # exact in float64, not a buffer
+        # exact in float64: a plain attribute, not a buffer, so that model.to(float32) leaves it alone
+        basis_tensors = self.basis_table.to(device=lengths.device, dtype=lengths.dtype)
         x = self.embedding(element, centre, neighbour, basis, envelope, unit, basis_tensors)
         f = self.features
         filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * f, dim=-1)
-        for layer, weights in zip(self.layers, filters):
-            x = layer(x, centre, neighbour, weights.view(-1, 3, f), basis_tensors)
+        for index, layer in enumerate(self.layers):  # (enumerate, not zip: TorchScript)
+            x = layer(x, centre, neighbour, filters[index].view(-1, 3, f), basis_tensors)
         invariants = torch.cat([x[:, 0] ** 2, (x[:, 1:4] ** 2).sum(1), (x[:, 4:9] ** 2).sum(1)], dim=-1)
         features = self.out(self.out_norm(invariants))
         energy = self.readout(features)

@@ -69,6 +69,7 @@ class NeighbourAttention(nn.Module):
     def __init__(self, features: int, heads: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, features // heads
+        self.logit_cap = _LOGIT_CAP  # an attribute, not the global: TorchScript reads attributes
         self.norm_attention = nn.LayerNorm(features)
         self.query = nn.Linear(features, features)
         self.key_value = nn.Linear(features, 2 * features)
@@ -86,7 +87,7 @@ class NeighbourAttention(nn.Module):
         edge_key, gate = self.edge_key_gate(edges).chunk(2, dim=-1)
         k, v = (k + edge_key).view(shape), (v * gate).view(shape)
         logits = (q * k).sum(-1) / math.sqrt(self.head_dim)  # [E, heads]
-        logits = _LOGIT_CAP * torch.tanh(logits / _LOGIT_CAP)
+        logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         weights = envelope.unsqueeze(-1) * torch.exp(logits)
         norm = 1.0 + h.new_zeros((h.shape[0], self.heads)).index_add(0, centre, weights)
         alpha = weights / norm[centre]
@@ -153,6 +154,7 @@ class GraphTransformer(Backbone):
         self.norm_out = nn.LayerNorm(f)
         self.energy_head = nn.Sequential(nn.Linear(f, f // 2), nn.SiLU(), nn.Linear(f // 2, 1))
         self.force_head = ForceHead(f) if self.direct_forces else None
+        self.message_passing_steps = num_layers + (1 if self.direct_forces else 0)  # the force head: one more hop
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         centre, neighbour = batch[K.EDGE_INDEX][0], batch[K.EDGE_INDEX][1]

@@ -139,8 +139,9 @@ def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tm
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{result.directory / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("al-test").experiment_id])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the project's store: the folder holding c/
+    experiment = client.get_experiment_by_name("al-test").experiment_id
+    runs = client.search_runs([experiment])
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 3
@@ -149,6 +150,15 @@ def test_end_to_end_campaign_with_a_deep_ensemble_tracked_in_mlflow(al_files, tm
     assert "data_hash" in first.data.params and first.data.params["hi"] == "1000.0"
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
     assert "plots/learning_curve.png" in artifacts
+    # each iteration's run is its training's run: per-epoch curves, the model, parity and uncertainty plots
+    curve = client.get_metric_history(first.info.run_id, "valid_loss_forces")
+    assert [m.step for m in curve] == [1, 2]
+    assert "dataset.train.sha256" in first.data.params and "model.pt" in {
+        a.path for a in client.list_artifacts(first.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(first.info.run_id, "plots")}
+    assert {"plots/parity_valid.png", "plots/parity_test.png", "plots/learning_curve.png", "plots/uncertainty.png"} <= plots
+    models = {m.source_run_id for m in client.search_logged_models([experiment])}
+    assert {r.info.run_id for r in children} <= models
 
 
 def test_a_campaign_with_a_single_pass_uq_head_runs(al_files, tmp_path, registry, caplog) -> None:

@@ -70,10 +70,13 @@ def test_campaign_retrains_with_a_two_process_zero2_job(al_files, tmp_path, regi
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{result.directory / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{result.directory.parent / 'mlflow.db'}")  # the project's store
     runs = client.search_runs([client.get_experiment_by_name("al-ds").experiment_id])
     child = next(r for r in runs if r.info.run_name == "iteration-000")
     assert {"test_forces_mae", "best_valid_forces_mae", "time_train_s"} <= set(child.data.metrics)
+    # the 2-process job logged into the iteration's run itself (rank 0): per-epoch curves, the model
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "valid_loss")] == [1, 2, 3]
+    assert "model.pt" in {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {a.path for a in client.list_artifacts(child.info.run_id, "training")} >= {
         "training/train.log", "training/metrics.json"}
 

@@ -119,6 +119,25 @@ def test_a_molecule_needs_no_box(v030) -> None:
     _compare(AtomforgeCalculator(potential), theirs, mol, reference=boxed)
 
 
+def test_a_shallow_ensemble_works_on_chgnet_features(v030, chgnet_registry) -> None:
+    """A shallow-ensemble UQ head on the pretrained CHGNet: its heads read CHGNet's atom features,
+    its σ is finite, positive and depends on the structure."""
+    from atomforge import atoms_to_graph
+    from atomforge.data.fields import collate
+    from atomforge.model.uncertainty import build_uq_head
+
+    potential, _ = v030
+    head = build_uq_head(potential, {"name": "shallow_ensemble", "options": {"num_heads": 4}}, chgnet_registry).eval()
+    calm, hot = _metal(), _metal()
+    hot.rattle(0.4, seed=5)
+    outs = [{k: v.detach() for k, v in head(collate([atoms_to_graph(a, 5.0)]), compute_forces=True).items()}
+            for a in (calm, hot)]
+    n = len(calm)
+    assert outs[0]["energy"].shape == (1,) and outs[0]["forces"].shape == (n, 3) and outs[0]["forces_std"].shape == (n,)
+    assert all(float(o["energy_std"][0]) > 0 and bool(torch.isfinite(o["forces_std"]).all()) for o in outs)
+    assert not torch.allclose(outs[0]["forces_std"].mean(), outs[1]["forces_std"].mean())
+
+
 def test_pretrained_020_and_structures_without_angles(chgnet_registry) -> None:
     """0.2.0 (other bases, readout biases): CHGNet skips the bond/angle updates of a structure with
     no bond under 3 Å; the plugin does so per structure, so a batch mixing one with a crystal gives

@@ -21,8 +21,11 @@ def test_quick_demo_end_to_end(tmp_path) -> None:
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["test_metrics"]["test_forces_mae"] > 0
     assert len(read(tmp_path / "demo" / "md.extxyz", ":")) >= 4
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'demo' / 'run' / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("atomforge-demo").experiment_id])[0]
-    assert "test_forces_mae" in run.data.metrics
+    store = f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}"  # the project's store: the folder holding run/
+    assert summary["mlflow_ui"] == f"mlflow ui --backend-store-uri {store}"
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("atomforge-demo").experiment_id
+    run = client.search_runs([experiment])[0]
+    assert "test_forces_mae" in run.data.metrics and "train_loss_stress" in run.data.metrics
     assert {"model.pt", "plots"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert summary["mlflow_ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
+    assert [m.source_run_id for m in client.search_logged_models([experiment])] == [run.info.run_id]

@@ -349,3 +349,30 @@ def test_a_non_uniform_species_scale_stays_in_the_backbone() -> None:
     raw = [Potential(b, elements=[1, 8], atomic_energies=[0.0, 0.0]).double().energy_outputs(
         batch, batch["positions"], None)["node_energy"] for b in (plain, scaled)]
     torch.testing.assert_close(raw[1], raw[0] * torch.tensor([1.5, 0.5, 0.5], dtype=torch.float64))
+
+
+def test_sevennet_0_fine_tunes_under_deepspeed_with_two_processes(tmp_path, zero_shot) -> None:
+    """Foundation model + DeepSpeed engine: ZeRO-2 over 2 processes, the embedding frozen (its
+    weights stay SevenNet-0's on every rank), the readout trained at its own LR."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    write(tmp_path / "cu.extxyz", cu_structures(8, seed=3))
+    raw = {"data": {"train": "cu.extxyz", "valid_fraction": 0.25},
+           "model": {"backbone": "sevennet", "pretrained": "7net-0"},
+           "finetune": {"freeze": ["embedding"], "lr": {"readout": 1.0e-3}},
+           "training": {"engine": "deepspeed", "max_epochs": 1, "batch_size": 4, "lr": 1.0e-4, "num_threads": 1},
+           "deepspeed": {"zero_stage": 2}, "output": "run", "tracking": "none"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, "-m", "atomforge", "train", "run.yaml", "--nproc", "2", "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    before, after = zero_shot[2].state_dict(), load_model(tmp_path / "run" / "model.pt").state_dict()
+    frozen = "backbone.sevennet.onehot_to_feature_x.linear.weight"
+    torch.testing.assert_close(after[frozen], before[frozen])
+    trained = "backbone.sevennet.reduce_hidden_to_energy.linear.weight"
+    assert not torch.equal(after[trained], before[trained])

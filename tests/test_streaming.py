@@ -179,6 +179,11 @@ def test_mid_epoch_resume_gives_the_same_model(registry, cu_files, cu_store, tmp
     resumed = train(config(tmp_path / "cut"), registry, resume=True, verbose=False)
     for key, value in whole.test_metrics.items():
         assert resumed.test_metrics[key] == pytest.approx(value, rel=1e-6), key
+    from atomforge import read_training_state  # the epoch's running sums (per-term losses, train errors) resume too
+
+    for straight, cut in zip(*(read_training_state(tmp_path / run)["history"] for run in ("whole", "cut"))):
+        for key in ("train_terms", "train_errors", "valid_terms"):
+            assert cut[key] == pytest.approx(straight[key], rel=1e-6) and cut[key], key
 
 
 def test_mixing_draws_the_configured_ratios(cu_store) -> None:

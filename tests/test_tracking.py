@@ -1,4 +1,4 @@
-"""MLflow tracking: embedded sqlite store by default, and a real ``mlflow server``."""
+"""MLflow tracking: an embedded sqlite store per project by default, and a real ``mlflow server``."""
 
 from __future__ import annotations
 
@@ -35,15 +35,16 @@ def _check_run(client: MlflowClient, experiment: str, epochs: int) -> None:
     assert "plots/parity_test.png" in plots
 
 
-def test_embedded_default_is_a_sqlite_store_in_the_run_dir(cu_files, tmp_path, monkeypatch) -> None:
+def test_embedded_default_is_the_projects_sqlite_store(cu_files, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = tiny_config(cu_files, tmp_path / "run", max_epochs=2)
     raw["tracking"] = {"name": "mlflow", "experiment": "embedded"}
     from atomforge import make_registry
 
     train(config_from_dict(raw), make_registry(), verbose=False)
-    db = tmp_path / "run" / "mlflow.db"
-    assert db.exists()
+    db = tmp_path / "mlflow.db"  # no store or repository above: the folder holding the run
+    assert db.exists() and not (tmp_path / "run" / "mlflow.db").exists()
+    assert (tmp_path / "mlartifacts").is_dir()
     _check_run(MlflowClient(tracking_uri=f"sqlite:///{db}"), "embedded", 2)
 
 
@@ -56,7 +57,7 @@ def test_resume_continues_the_same_mlflow_run(cu_files, tmp_path, monkeypatch) -
     train(config_from_dict(raw), make_registry(), verbose=False)
     raw["training"]["max_epochs"] = 3
     train(config_from_dict(raw), make_registry(), resume=True, verbose=False)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("resumed")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
@@ -105,5 +106,5 @@ def test_logging_to_a_real_mlflow_server(cu_files, tmp_path, mlflow_server, monk
     raw = tiny_config(cu_files, tmp_path / "run", max_epochs=2)
     raw["tracking"] = {"name": "mlflow", "experiment": "served"}
     train(config_from_dict(raw), make_registry(), verbose=False)
-    assert not (tmp_path / "run" / "mlflow.db").exists()
+    assert not (tmp_path / "run" / "mlflow.db").exists() and not (tmp_path / "mlflow.db").exists()
     _check_run(MlflowClient(tracking_uri=mlflow_server), "served", 2)

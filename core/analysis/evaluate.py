@@ -11,7 +11,7 @@ from ase import Atoms
 from ..data.fields import FieldTable
 from ..data.graph import GraphDataset, iterate_batches
 from ..model.potential import Potential, check_finite_outputs, with_head
-from .metrics import ErrorAccumulator, UQAccumulator
+from .metrics import ErrorAccumulator, UQAccumulator, config_types_of
 
 __all__ = ["evaluate", "evaluate_uncertainty", "uncertainty_metrics", "as_dataset", "predicted_batches", "model_dtype",
            "model_device"]
@@ -57,13 +57,16 @@ def evaluate(
     fields: FieldTable | None = None, head: str | int | None = None,
 ) -> ErrorAccumulator:
     """Predict every structure (on the model's device) and accumulate errors against the labels
-    it carries; ``head`` scores every structure on that head of a multi-head model (default:
-    each structure's own fidelity)."""
+    it carries, also per ``config_type`` when structures have one
+    (:meth:`ErrorAccumulator.config_type_table`); ``head`` scores every structure on that head
+    of a multi-head model (default: each structure's own fidelity)."""
     dataset = as_dataset(model, structures, fields)
     acc = ErrorAccumulator()
     want_stress = all(bool(np.all(a.pbc)) for a in dataset.structures)
-    for batch, outputs in predicted_batches(model, dataset, batch_size, compute_stress=want_stress, head=head):
-        acc.add(batch, outputs)
+    types = config_types_of(dataset)
+    batches = predicted_batches(model, dataset, batch_size, compute_stress=want_stress, head=head)
+    for start, (batch, outputs) in zip(range(0, len(dataset), batch_size), batches):
+        acc.add(batch, outputs, None if types is None else types[start : start + batch_size])
     return acc
 
 

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 from ase import Atoms, units
 from ase.data import covalent_radii
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
-from ase.md.verlet import VelocityVerlet
 
 from .. import keys as K
 from .._errors import ConfigError
@@ -42,7 +40,7 @@ from ..model.potential import Potential, differentiable_inputs, energy_derivativ
 __all__ = [
     "CurlEstimate", "MDStability", "random_rotations", "rotate_batch", "jacobian_probes",
     "curl_estimate", "model_forces", "model_curl", "rotation_error", "curl_metrics", "nve_stability",
-    "physics_metrics",
+    "checked_md", "FailureLimits", "physics_metrics",
 ]
 
 
@@ -226,25 +224,39 @@ def curl_metrics(model: torch.nn.Module, structures: Sequence[Atoms] | GraphData
 
 @dataclass(frozen=True)
 class MDStability:
-    """Outcome of :func:`nve_stability`."""
+    """Outcome of :func:`nve_stability` / :func:`checked_md`."""
 
     steps: int  # steps run (the requested number unless the run became unstable)
     stable_steps: int  # steps before the first failed check (= steps if none failed)
-    failure: str  # "" or what went wrong first: overlap, broken bond, energy, non-finite
-    energy_drift: float  # meV/atom/ps: slope of the total energy over the stable part
-    max_energy_deviation: float  # meV/atom: largest |E(t) − E(0)| over the stable part
+    failure: str  # "" or what went wrong first: overlap, broken bond, energy, temperature, non-finite
+    energy_drift: float  # meV/atom/ps: slope of the total energy over the stable part (NaN when thermostatted)
+    max_energy_deviation: float  # meV/atom: largest |E(t) − E(0)| over the stable part (NaN when thermostatted)
     ms_per_step: float
+    frames: tuple[Atoms, ...] = field(default=(), repr=False, compare=False)  # checked frames (``keep_frames``)
 
 
-def _failure(atoms: Atoms, e0: float, bonds: np.ndarray, bond_limits: np.ndarray,
-             settings: EvaluationConfig) -> str:
-    """What is wrong with the current frame, or ``""``."""
+class FailureLimits(Protocol):
+    """What the stability checks read: :class:`~atomforge.config.EvaluationConfig`, or the
+    stability suite's ``StabilityConfig``."""
+
+    min_distance: float  # Å; two atoms closer than this = overlap
+    bond_stretch: float  # open structures: a starting bond longer than this × Σ r_cov is broken
+    max_energy_deviation: float  # eV/atom; NVE total energy leaving this window = blow-up
+
+
+def _failure(atoms: Atoms, e0: float | None, bonds: np.ndarray, bond_limits: np.ndarray,
+             settings: FailureLimits, *, max_temperature: float | None = None) -> str:
+    """What is wrong with the current frame, or ``""``. ``e0``: the starting total energy, which
+    NVE must keep within ``settings.max_energy_deviation`` per atom; a thermostatted run (whose
+    total energy is not conserved) passes ``None`` and a ``max_temperature`` ceiling instead."""
     positions = atoms.positions
     energy = atoms.get_total_energy()
     if not (np.isfinite(positions).all() and math.isfinite(energy)):
         return "non-finite positions or energy"
-    if abs(energy - e0) / len(atoms) > settings.max_energy_deviation:
+    if e0 is not None and abs(energy - e0) / len(atoms) > settings.max_energy_deviation:
         return f"total energy moved by more than {settings.max_energy_deviation} eV/atom"
+    if max_temperature is not None and atoms.get_temperature() > max_temperature:
+        return f"temperature {atoms.get_temperature():.0f} K above {max_temperature:.0f} K"
     i, j, _, _ = neighbor_list(atoms, settings.min_distance)
     if i.size:
         return f"atoms {int(i[0])} and {int(j[0])} closer than {settings.min_distance} Å"
@@ -274,29 +286,68 @@ def nve_stability(atoms: Atoms, calculator: object, settings: EvaluationConfig,
     """NVE (velocity Verlet) from ``atoms`` with Maxwell–Boltzmann velocities at
     ``settings.temperature``; stops at the first failed stability check. Energy drift is the
     slope of the total energy per atom, as in :func:`atomforge.analysis.md.run_md`."""
+    return checked_md(atoms, calculator, settings, steps=settings.nve_steps, temperature=settings.temperature,
+                      timestep_fs=settings.timestep_fs, seed=settings.seed, check_every=check_every)
+
+
+def checked_md(atoms: Atoms, calculator: object, limits: FailureLimits, *, steps: int, temperature: float,
+               timestep_fs: float, seed: int = 0, check_every: int = 10, friction_per_fs: float | None = None,
+               max_temperature: float | None = None, keep_frames: bool = False) -> MDStability:
+    """MD from ``atoms`` with Maxwell–Boltzmann velocities at ``temperature`` (seeded), checked
+    every ``check_every`` steps by :func:`_failure`; stops at the first failed check.
+
+    ``friction_per_fs=None``: NVE (velocity Verlet; the total energy is checked and its drift
+    reported). Otherwise Langevin NVT at ``temperature`` with that friction (centre of mass fixed,
+    as in :func:`atomforge.analysis.md.run_md`): the total energy is not conserved, so it is not
+    checked (drift and deviation are NaN) and ``max_temperature`` (K) is the blow-up check instead.
+    ``keep_frames`` keeps a copy of every checked frame up to the first failure (for RDFs)."""
+    from ase.md.verlet import VelocityVerlet  # ase.md: on use
+
+    from .md import _draw_velocities
+
     atoms = atoms.copy()
     atoms.calc = calculator
-    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.temperature,
-                                 rng=np.random.default_rng(settings.seed))
-    Stationary(atoms)
-    if not atoms.pbc.any():
-        ZeroRotation(atoms)
-    bonds, limits = _bonds(atoms, settings.bond_stretch)
-    dyn = VelocityVerlet(atoms, timestep=settings.timestep_fs * units.fs)
+    rng = np.random.default_rng(seed)
+    _draw_velocities(atoms, temperature, rng)  # Maxwell–Boltzmann, no net momentum (nor rotation if open)
+    bonds, bond_limits = _bonds(atoms, limits.bond_stretch)
+    if friction_per_fs is None:
+        dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    else:
+        dyn = _langevin(atoms, timestep_fs, temperature, friction_per_fs, rng)
     energies = [atoms.get_total_energy()]
-    failure, stable = "", settings.nve_steps
+    e0 = energies[0] if friction_per_fs is None else None
+    frames: list[Atoms] = []
+    failure, stable, step = "", steps, 0
     started = time.perf_counter()
-    for step in range(1, settings.nve_steps + 1):
+    for step in range(1, steps + 1):
         dyn.run(1)
         energies.append(atoms.get_total_energy())
-        if step % check_every == 0 or step == settings.nve_steps:
-            failure = _failure(atoms, energies[0], bonds, limits, settings)
+        if step % check_every == 0 or step == steps:
+            failure = _failure(atoms, e0, bonds, bond_limits, limits, max_temperature=max_temperature)
             if failure:
                 stable = step - check_every if step % check_every == 0 else step - step % check_every
                 break
+            if keep_frames:
+                frames.append(Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc))
     seconds = time.perf_counter() - started
-    return _summary(np.asarray(energies[: stable + 1]), len(atoms), settings.timestep_fs, step, stable,
-                    failure, seconds)
+    summary = _summary(np.asarray(energies[: stable + 1]), len(atoms), timestep_fs, step, stable, failure, seconds)
+    drift, deviation = summary.energy_drift, summary.max_energy_deviation
+    if friction_per_fs is not None:  # a thermostat: the total energy is not a conserved quantity
+        drift = deviation = math.nan
+    return MDStability(summary.steps, summary.stable_steps, failure, drift, deviation, summary.ms_per_step,
+                       tuple(frames))
+
+
+def _langevin(atoms: Atoms, timestep_fs: float, temperature: float, friction_per_fs: float,
+              rng: np.random.Generator) -> object:
+    """ASE's Langevin integrator with the centre of mass held by ``FixCom`` (ASE's recommended way)."""
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+
+    if not atoms.constraints:
+        atoms.set_constraint(FixCom())
+    return Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature,
+                    friction=friction_per_fs / units.fs, rng=rng, fixcm=False)
 
 
 def _summary(energies: np.ndarray, n_atoms: int, timestep_fs: float, steps: int, stable: int,

@@ -72,7 +72,7 @@ class FieldSpec:
     name: str  # the batch key
     per: FieldKind | str  # atom | edge | structure | global
     dtype: str = "float"  # float (the model's float dtype) | long | bool
-    shape: tuple[int, ...] = ()  # trailing shape of one entry, e.g. (3,) for forces, (3, 3) for stress
+    shape: tuple[int, ...] = ()  # trailing shape of one entry, e.g. (3,) for forces; -1 = any size (one per data set)
     description: str = ""  # one line for `atomforge plugins` and the docs
     label: bool = False  # a reference value (loss target); structures may lack it
     read: Callable[[Atoms], Any] | None = None  # value of one structure from ase.Atoms (None = absent)
@@ -196,13 +196,31 @@ def read_fields(atoms: Atoms, fields: FieldTable, *, dtype: torch.dtype, where: 
         if expected is None:
             raise PluginError(f"field {spec.name!r}: per-edge fields cannot be read from ase.Atoms")
         array = np.asarray(value)
-        if spec.per is FieldKind.STRUCTURE and array.shape == spec.shape:
-            array = array.reshape(expected)
-        if array.shape != expected:
+        if spec.per is FieldKind.STRUCTURE and _fits(array.shape, spec.shape):
+            array = array.reshape((1, *array.shape))
+        if not _fits(array.shape, expected):
             raise DataValidationError(f"{where}: field {spec.name!r} has shape {array.shape}; expected "
                                       f"{expected} ({spec.per.value} field of shape {spec.shape})")
         out[spec.name] = torch.as_tensor(array, dtype=spec.torch_dtype(dtype))
     return out
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """``shape`` matches ``expected``, where an expected size of -1 (a field declared with a free
+    trailing size, e.g. a teacher's Hessian rows ``(-1, 3)``) matches any size."""
+    return len(shape) == len(expected) and all(e == -1 or a == e for a, e in zip(shape, expected))
+
+
+def _cat(key: str, values: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` with a clear error when the structures of a batch disagree on a free size."""
+    try:
+        return torch.cat(values, dim)
+    except RuntimeError:
+        shapes = sorted({tuple(v.shape[1:]) if dim == 0 else tuple(v.shape[:dim]) for v in values})
+        raise DataValidationError(
+            f"field {key!r}: the structures of one batch carry it with different trailing shapes {shapes}; "
+            "every structure of a data set must carry the same number of entries (e.g. the same number of "
+            "Hessian rows per structure)") from None
 
 
 def _offsets(counts: torch.Tensor) -> list[int]:
@@ -238,8 +256,8 @@ def collate(graphs: Sequence[dict[str, torch.Tensor]], fields: FieldTable | None
         carried = [key in g for g in graphs]
         if not all(carried):
             if spec.label:
-                out[key] = torch.cat([g[key] if key in g else _zeros(spec, g, graphs, key) for g in graphs],
-                                     spec.concat_dim)
+                out[key] = _cat(key, [g[key] if key in g else _zeros(spec, g, graphs, key) for g in graphs],
+                                spec.concat_dim)
                 out[mask_key(key)] = torch.tensor(carried, dtype=torch.bool)
             continue
         if spec.per is FieldKind.GLOBAL:
@@ -247,7 +265,7 @@ def collate(graphs: Sequence[dict[str, torch.Tensor]], fields: FieldTable | None
         elif spec.index_of is FieldKind.ATOM:
             out[key] = torch.cat([g[key] + o for g, o in zip(graphs, atom_offsets)], spec.concat_dim)
         else:
-            out[key] = torch.cat([g[key] for g in graphs], spec.concat_dim)
+            out[key] = _cat(key, [g[key] for g in graphs], spec.concat_dim)
     return out
 
 

@@ -33,7 +33,7 @@ from ase.data import chemical_symbols
 from .._errors import AtomforgeError, ConfigError, DataValidationError, StoreError
 from .._specs import PluginKind
 from .store import LABEL_BITS, StoreWriter, StructureStore, encode, is_store, summarize
-from .structures import get_labels
+from .structures import LabelKeys, get_labels, relabel
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -69,6 +69,7 @@ class PackSource:
     factory: Callable[..., Sequence[Atoms]] | None = None  # the plugin's reader, ``factory(options, base_dir)``
     options: Mapping[str, Any] = field(default_factory=dict)  # the plugin's options
     base_dir: Path = Path(".")  # where the plugin resolves relative paths
+    keys: LabelKeys = LabelKeys()  # where an (ext)xyz file's labels are (MACE's energy_key, ...; docs/data.md)
 
 
 def _is_extxyz(path: Path) -> bool:
@@ -112,19 +113,23 @@ def _file_id(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def file_sources(registry: Registry | None, patterns: Sequence[str | Path], *, plugin: str | None = None,
-                 options: Mapping[str, Any] | None = None) -> list[PackSource]:
+                 options: Mapping[str, Any] | None = None, keys: LabelKeys = LabelKeys()) -> list[PackSource]:
     """One source per file: (ext)xyz streamed; vasprun.xml, CIF, POSCAR/CONTCAR through the
     ``pymatgen`` data source; anything else through ``ase``; or every file through ``plugin``
-    (with ``options`` and ``path`` set to the file)."""
+    (with ``options`` and ``path`` set to the file). ``keys`` (MACE's ``energy_key``, ...) apply
+    to the files read by ASE (extxyz and the ``ase`` source, or ``plugin`` as options); VASP
+    files carry their own labels."""
     sources = []
     for path in expand_paths(patterns):
         source_id, spec = _file_id(path)
         if plugin is None and _is_extxyz(path):
-            sources.append(PackSource(source_id, str(path), SourceKind.EXTXYZ, {**spec, "reader": "extxyz"}, path))
+            named = {"keys": keys.as_options()} if not keys.is_default else {}
+            sources.append(PackSource(source_id, str(path), SourceKind.EXTXYZ, {**spec, "reader": "extxyz", **named},
+                                      path, keys=keys))
             continue
         name = plugin or ("pymatgen" if _is_pymatgen(path) else "ase")
         factory = registry.get(PluginKind.DATA_SOURCE, name).factory
-        extra = dict(options or {})
+        extra = {**(keys.as_options() if name != "pymatgen" else {}), **dict(options or {})}
         sources.append(PackSource(source_id, str(path), SourceKind.PLUGIN, {**spec, "reader": name, "options": extra},
                                   path, factory, {**extra, "path": str(path)}, Path.cwd()))
     return sources
@@ -218,11 +223,22 @@ def _load(source: PackSource) -> Sequence[Atoms]:
 
 def _items(source: PackSource, skip: int) -> Iterator[Item]:
     if source.kind is SourceKind.EXTXYZ:
-        yield from _extxyz_items(source.path, skip)
+        for position, item in _extxyz_items(source.path, skip):
+            yield position, _keyed(item, source.keys, f"structure {position} of {source.label}")
         return
     structures = _load(source)
     for position in range(skip, len(structures)):
         yield position, structures[position]
+
+
+def _keyed(item: Any, keys: LabelKeys, where: str) -> Any:
+    """An extxyz frame with its labels read from ``keys`` (or the error of a bad one)."""
+    if not isinstance(item, Atoms) or (keys.is_default and keys.virials not in item.info):
+        return item
+    try:
+        return relabel(item, keys, where=where)
+    except DataValidationError as error:
+        return error
 
 
 def _encode(atoms: Atoms, position: int, label: str, compress: bool) -> tuple[bytes, dict[str, Any]]:

@@ -9,14 +9,14 @@ Per-structure metadata lives in ``atoms.info``: ``charge`` (e), ``spin`` (multip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
-from .._errors import DataValidationError
+from .._errors import ConfigError, DataValidationError
 
 __all__ = [
     "Labels",
@@ -29,6 +29,8 @@ __all__ = [
     "check_geometry",
     "MIN_DISTANCE",
     "complete_extxyz_length",
+    "LabelKeys",
+    "relabel",
 ]
 
 MIN_DISTANCE = 0.1  # Å; two atoms closer than this are an input error, not physics
@@ -128,6 +130,82 @@ def attach_labels(
     if stress is not None:
         results["stress"] = full_3x3_to_voigt_6_stress(_as_stress(stress))
     labelled.calc = SinglePointCalculator(labelled, **results)
+    return labelled
+
+
+@dataclass(frozen=True)
+class LabelKeys:
+    """Where a structure's labels are found (MACE's ``energy_key``, ``forces_key``, ``stress_key``,
+    ``virials_key``): ``atoms.info[energy]``, ``atoms.arrays[forces]``, ``atoms.info[stress]``
+    (3x3, 9 or Voigt 6, eV/Å³, ASE sign) and ``atoms.info[virials]`` (eV; stress = −virials / V),
+    each also taken from a calculator's results under the same name (what ``ase.io.read`` makes of
+    an extxyz ``energy=``). A structure without a key is unlabelled for that quantity."""
+
+    energy: str = "energy"  # MACE's default: REF_energy
+    forces: str = "forces"  # MACE's default: REF_forces
+    stress: str = "stress"  # MACE's default: REF_stress
+    virials: str = "virials"  # MACE's default: REF_virials; used only where there is no stress
+
+    #: the data-source options that set them
+    OPTIONS: ClassVar[tuple[str, ...]] = ("energy_key", "forces_key", "stress_key", "virials_key")
+
+    @classmethod
+    def pop_from(cls, options: dict, where: str) -> "LabelKeys":
+        """The keys given as ``<quantity>_key`` options (removed from ``options``; defaults for the rest)."""
+        given = {name[: -len("_key")]: options.pop(name) for name in cls.OPTIONS if name in options}
+        bad = {k: v for k, v in given.items() if not isinstance(v, str) or not v}
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(f'{k}_key' for k in bad)} must name an info/arrays "
+                              f"entry (e.g. energy_key: REF_energy); got {bad}")
+        return cls(**given)
+
+    @property
+    def is_default(self) -> bool:
+        return self == LabelKeys()
+
+    def as_options(self) -> dict[str, str]:
+        """The keys that differ from the defaults, as data-source options."""
+        default = LabelKeys()
+        return {f"{name}_key": getattr(self, name) for name in ("energy", "forces", "stress", "virials")
+                if getattr(self, name) != getattr(default, name)}
+
+
+_LABEL_RESULTS = ("energy", "free_energy", "forces", "stress")
+
+
+def _stress_from_virials(atoms: Atoms, virials: object, where: str) -> np.ndarray:
+    """stress = −virials / V (MACE's convention; ASE's stress sign)."""
+    volume = abs(float(np.linalg.det(np.asarray(atoms.cell[:], dtype=float)))) if np.all(atoms.pbc) else 0.0
+    if volume < 1e-9:
+        raise DataValidationError(f"{where}: a virials label needs a periodic cell with a volume to become a "
+                                  f"stress; this structure has pbc={np.asarray(atoms.pbc).tolist()} and volume "
+                                  f"{volume:.3g} Å^3. Drop the virials of non-periodic structures.")
+    return -_as_stress(virials) / volume
+
+
+def relabel(atoms: Atoms, keys: LabelKeys, *, where: str = "structure") -> Atoms:
+    """A copy of ``atoms`` whose labels are those found under ``keys``, in a
+    ``SinglePointCalculator`` (where every reader downstream looks). The entries read are removed
+    from ``info``/``arrays``, and so are entries under the default names (``energy``, ``stress``,
+    ``forces``) when other keys are chosen — they would otherwise be taken for labels. Other
+    calculator results (charges, magmoms, ...) are kept."""
+    results = _calc_results(atoms)
+    out = atoms.copy()
+    taken: dict[str, object] = {}
+    for quantity, container in (("energy", out.info), ("forces", out.arrays), ("stress", out.info),
+                                ("virials", out.info)):
+        key = getattr(keys, quantity)
+        value = results.get(key) if key in results else container.get(key)
+        container.pop(key, None)
+        if quantity != "virials" and key != quantity:
+            container.pop(quantity, None)
+        taken[quantity] = value
+    if taken["stress"] is None and taken["virials"] is not None:
+        taken["stress"] = _stress_from_virials(out, taken["virials"], where)
+    kept = {k: v for k, v in results.items() if k not in _LABEL_RESULTS and k != keys.virials}
+    labelled = attach_labels(out, energy=None if taken["energy"] is None else _as_energy(taken["energy"]),
+                             forces=taken["forces"], stress=taken["stress"])
+    labelled.calc.results.update(kept)
     return labelled
 
 

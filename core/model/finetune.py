@@ -53,8 +53,10 @@ def merge_model_config(given: Mapping[str, Any], path: Path) -> dict[str, Any]:
     # the weights are read later, by read_initial_model; a foreign file (a MACE .model) is read by the
     # importer of the backbone the block names
     config, _, _ = read_or_import_model_file(path, given.get("backbone"), mmap=True)
-    options = {k: v for k, v in given.items() if k not in (*MODEL_KEYS, "init_from", "heads")}
+    options = {k: v for k, v in given.items() if k not in (*MODEL_KEYS, "init_from", "heads", "E0s")}
     merged: dict[str, Any] = {"init_from": str(path), "heads": given.get("heads", config.get("heads"))}
+    if "E0s" in given:  # refused with init_from unless "fit" (config._e0s says why)
+        merged["E0s"] = given["E0s"]
     mismatches = []
     for key in ("backbone", "cutoff", "dtype"):
         if key in given and _differs(given[key], config.get(key)):

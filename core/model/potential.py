@@ -54,6 +54,13 @@ class Backbone(nn.Module):
     #: whether ``forward`` runs under ``torch.func.vmap`` (no in-place writes into tensors created
     #: inside it from batched inputs); the deep ensemble's vectorised evaluation needs it
     vmap_safe: bool = True
+    #: message-passing steps (each reaches one cutoff further), or ``None`` if unknown: an exported
+    #: metatomic model's interaction range is steps × cutoff (how far LAMMPS sends ghost atoms)
+    message_passing_steps: int | None = None
+    #: the flags above are Python-side metadata: TorchScript (``atomforge export``) must not try to
+    #: type them from their (postponed, string) annotations, which it cannot read
+    __jit_ignored_attributes__ = ["direct_forces", "supports_heads", "head_parameters", "element_parameters",
+                                  "vmap_safe", "message_passing_steps"]
 
     def __init__(self, *, num_elements: int, cutoff: float) -> None:
         super().__init__()

@@ -37,11 +37,12 @@ from torch import nn
 from .. import keys as K
 from .._errors import ConfigError, TrainingDivergedError
 from .._io import atomic_save, write_text_atomic
-from ..analysis.metrics import ErrorAccumulator
+from ..analysis.metrics import ErrorAccumulator, config_types_of
 from ..data.fields import collate
 from ..data.graph import GraphDataset
 from .backends import TrainingBackend, swapped_weights
 from .losses import CompositeLoss
+from .meter import EpochMeter
 
 __all__ = [
     "TrainSettings", "EpochRecord", "TrainResult", "Callback", "Trainer", "ExponentialMovingAverage",
@@ -100,6 +101,9 @@ class EpochRecord:
     elapsed: float
     steps: int
     train_metrics: dict[str, float] = field(default_factory=dict)  # backend measurements, e.g. load_imbalance
+    train_terms: dict[str, float] = field(default_factory=dict)  # each loss term's mean (unweighted) in training
+    valid_terms: dict[str, float] = field(default_factory=dict)  # … and on the validation set
+    train_errors: dict[str, float] = field(default_factory=dict)  # running train-set MAE/RMSE (training/meter.py)
 
 
 @dataclass
@@ -186,6 +190,7 @@ class Trainer:
         self.history: list[EpochRecord] = []
         self.extra_state: dict[str, Any] = {}  # callbacks may keep resumable state here
         self._partial: dict[str, Any] | None = None  # progress inside the epoch a checkpoint was taken in
+        self.meter = EpochMeter()  # per-term losses and running train errors of the current epoch
 
     @property
     def model(self) -> nn.Module:
@@ -196,7 +201,8 @@ class Trainer:
     def _loss_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         outputs = self.backend.forward(batch, compute_forces=K.FORCES in self.loss.outputs,
                                        compute_stress=self.settings.compute_stress)
-        loss, _ = self.loss(batch, outputs, self.backend.model)
+        loss, terms = self.loss(batch, outputs, self.backend.model)
+        self.meter.add_train(batch, outputs, terms)
         return loss
 
     def _prepared(self, batches: Iterator[dict[str, torch.Tensor]], count: int,
@@ -234,6 +240,7 @@ class Trainer:
             augment.set_state(partial["augment"])
         total, count, steps = float(partial.get("total", 0.0)), int(partial.get("count", 0)), int(partial.get("steps", 0))
         measured: dict[str, list[float]] = {k: list(v) for k, v in partial.get("measured", {}).items()}
+        self.meter.load_state(partial.get("meter"))  # empty unless continuing a mid-epoch checkpoint
         remaining = steps_plan[steps:]
         batches = _batches_of(train, [chosen for step in remaining for chosen in step.batches])
         timed_out = False
@@ -257,7 +264,7 @@ class Trainer:
             every = self.settings.checkpoint_steps
             if every and steps % every == 0 and steps < len(steps_plan):
                 self._save_partial(started, {"steps": steps, "total": total, "count": count, "measured": measured,
-                                             "augment": augment.get_state()})
+                                             "augment": augment.get_state(), "meter": self.meter.state()})
         metrics = {name: sum(values) / len(values) for name, values in measured.items()}
         return self.backend.all_reduce_mean(total / max(count, 1)), steps, timed_out, metrics
 
@@ -278,25 +285,26 @@ class Trainer:
         total, count = 0.0, 0
         mine = list(range(self.backend.rank, len(valid), self.backend.world_size))
         size = self.settings.valid_batch_size
+        plan = [mine[start : start + size] for start in range(0, len(mine), size)]
+        types = config_types_of(valid)  # per-config_type metrics (metrics.py), None without config types
         self.backend.train_mode(False)
         ema = self.ema.tensors if self.ema else None
         with swapped_weights(self.backend.local_tensors(), ema), self.backend.evaluation():
-            for batch in _batches_of(valid, [mine[start : start + size] for start in range(0, len(mine), size)]):
+            for chosen, batch in zip(plan, _batches_of(valid, plan)):
                 batch = self.backend.to_device(batch)
                 outputs = self.backend.predict(batch, compute_forces=True, compute_stress=self.settings.compute_stress)
-                loss, _ = self.loss(batch, outputs, self.backend.model)
+                loss, terms = self.loss(batch, outputs, self.backend.model)
                 n = int(batch[K.N_ATOMS].shape[0])
                 total += float(loss.detach()) * n
                 count += n
-                acc.add(batch, {k: v.detach() for k, v in outputs.items()})
+                self.meter.add_valid(terms, n)
+                acc.add(batch, {k: v.detach() for k, v in outputs.items()},
+                        None if types is None else [types[int(i)] for i in chosen])
         merged, loss_sum, n_sum = ErrorAccumulator(), 0.0, 0
-        for rank_total, rank_count, pairs in self.backend.gather((total, count, acc.pairs)):
+        for rank_total, rank_count, state in self.backend.gather((total, count, acc.state())):
             loss_sum, n_sum = loss_sum + rank_total, n_sum + rank_count
-            for name, (preds, refs) in pairs.items():
-                dst = merged.pairs.setdefault(name, ([], []))
-                dst[0].extend(preds)
-                dst[1].extend(refs)
-        return loss_sum / max(n_sum, 1), merged.metrics()
+            merged.absorb(state)
+        return loss_sum / max(n_sum, 1), {**merged.metrics(), **merged.config_type_metrics()}
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _step_scheduler(self, valid_loss: float) -> None:
@@ -343,7 +351,9 @@ class Trainer:
             lr = float(self.optimizer.param_groups[0]["lr"])
             self._step_scheduler(valid_loss)
             self._update_best(valid_loss)
-            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps, train_metrics)
+            train_terms, valid_terms, train_errors = self.meter.summary(self.backend)
+            record = EpochRecord(self.epoch, lr, train_loss, valid_loss, metrics, self.elapsed, steps, train_metrics,
+                                 train_terms, valid_terms, train_errors)
             self.history.append(record)
             for callback in self.callbacks:
                 if hasattr(callback, "on_epoch_end"):

@@ -87,8 +87,10 @@ def run_demo(registry: Registry, out: Path, *, quick: bool = False, tracking: st
     print("[4/4] 200 steps of NVT MD at 600 K with the trained model ...", file=sys.stderr)
     md = run_md(test_set[0], load_calculator(outcome.model_path), steps=40 if quick else 200,
                 temperature=600.0, out=out / "md.extxyz", interval=10)
+    store = json.loads((outcome.run_dir / "tracking.json").read_text()).get("tracking_uri")  # the project's store
     summary = {"model": str(outcome.model_path), "test_metrics": outcome.test_metrics, "md": asdict(md),
-               "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{out / 'run' / 'mlflow.db'}"}
+               "mlflow_ui": f"mlflow ui --backend-store-uri {store}" if store else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done. model: {outcome.model_path}\nsee the run: {summary['mlflow_ui']}", file=sys.stderr)
+    print(f"done. model: {outcome.model_path}" + (f"\nsee the run: {summary['mlflow_ui']}" if store else ""),
+          file=sys.stderr)
     return summary

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,9 +26,11 @@ from .._errors import ConfigError, DataValidationError, PluginError
 from .._io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from .._specs import PluginKind
 from ..analysis.calibration import calibrate
+from ..analysis.curves import learning_curve_plot
 from ..analysis.evaluate import evaluate, evaluate_uncertainty
 from ..analysis.plots import calibration_plot, error_vs_uncertainty_plot, parity_plot
 from ..config import CONFIG_SECTIONS, RunConfig, SourceConfig
+from ..data.fingerprint import data_fingerprint
 from ..data.graph import GraphDataset, data_statistics
 from ..data.streaming import (MixedDataset, StoreDataset, StoreStructures, add_sums, normalization_from_sums,
                               normalization_sums)
@@ -35,6 +38,7 @@ from ..data.structures import get_labels
 from ..devices import resolve_device
 from ..model.finetune import (InitialModel, fit_reference_energies, parameter_lrs, read_initial_model,
                               reference_energy_plan)
+from ..model.e0s import e0_tables, normalization_with_e0s, split_isolated_atoms
 from ..model.modelfile import build_potential, save_model
 from ..model.potential import Potential, fit_normalization
 from ..model.uncertainty import UQFitContext, UQHead, build_uq_head
@@ -165,13 +169,18 @@ def _as_dataset(config: RunConfig, registry: Registry, structures: Sequence[Atom
     return GraphDataset(list(structures), cutoff, dtype=dtype, require=require, source=source, fields=fields)
 
 
-def _datasets(config: RunConfig, registry: Registry, require: Sequence[str]) -> dict[str, Any]:
+def _datasets(config: RunConfig, registry: Registry, require: Sequence[str],
+              isolated: dict[int, dict[int, float]] | None = None) -> dict[str, Any]:
+    """The train, valid (and test) sets. With ``isolated`` (``model.E0s: isolated``), the training
+    sources' isolated atoms are taken out of them and their energies put into it (model/e0s.py)."""
     base, data = config.base_dir, config.data
     sources = (data.train, *data.mix)
     names = ["data.train"] if not data.mix else [f"data.train[{k}]" for k in range(len(sources))]
     trains, valids = [], []
     for name, source in zip(names, sources):
         structures = load_source(registry, source, base, config.model.heads)
+        if isolated is not None:
+            structures = split_isolated_atoms(structures, isolated, name)
         if data.valid is None:
             structures, held_out = _split(structures, data.valid_fraction, config.training.seed)
             valids.append(_as_dataset(config, registry, held_out, require, f"{name} (validation part)"))
@@ -200,8 +209,11 @@ def _check_elements(sets: dict[str, GraphDataset]) -> None:
             )
 
 
-def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> dict[str, Any]:
-    """The model-file config: backbone, options and the normalisation fitted on ``train``."""
+def model_spec(config: RunConfig, registry: Registry, train: GraphDataset,
+               e0s: dict[int, dict[int, float]] | None = None) -> dict[str, Any]:
+    """The model-file config: backbone, options and the normalisation fitted on ``train``; with
+    ``e0s`` (each head's ``{Z: eV}``, from ``model.E0s``) the reference energies are those and
+    ``shift`` is 0."""
     elements = [int(z) for z in train.numbers()]
     fitted = True
     if isinstance(train, GraphDataset):
@@ -213,14 +225,16 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
             fitted = False
         else:
             forces = [lab.forces for _, lab in labelled]
-            atomic, scale, shift = fit_normalization(
-                [zs for zs, _ in labelled], np.array([lab.energy for _, lab in labelled]),
-                forces if all(f is not None for f in forces) else None, elements)
+            args = ([zs for zs, _ in labelled], np.array([lab.energy for _, lab in labelled]),
+                    forces if all(f is not None for f in forces) else None, elements)
+            atomic, scale, shift = fit_normalization(*args) if e0s is None else normalization_with_e0s(*args, e0s[0])
     else:  # streamed: one pass, each process over its shard, sums added (no process reads everything)
         mine = np.arange(dist.rank(), len(train), dist.world_size())
         sums = add_sums(dist.all_gather_objects(normalization_sums(train, elements, mine)))
         atomic, scale, shift = normalization_from_sums(sums)
         fitted = sums["n"] - sums["energy_missing"] > 0
+    if e0s is not None:  # model.E0s: the given reference energies; the learnt part is measured from them
+        atomic, shift, fitted = np.array([e0s[0][z] for z in elements]), 0.0, True
     provided = registry.provided(PluginKind.BACKBONE, config.model.backbone)
     options = dict(config.model.options)
     if provided.spec.fit_options is not None:  # e.g. MACE's avg_num_neighbors: auto → a number
@@ -247,16 +261,35 @@ def model_spec(config: RunConfig, registry: Registry, train: GraphDataset) -> di
     heads = list(config.model.heads or [])
     if heads and heads != ["default"]:  # each head's reference energies are fitted once the model is built
         h = len(heads)
-        spec.update(heads=heads, atomic_energies=[list(spec["atomic_energies"])] * h if h > 1 else spec["atomic_energies"],
+        rows = ([[e0s[k][z] for z in elements] for k in range(h)] if e0s is not None
+                else [list(spec["atomic_energies"])] * h)
+        spec.update(heads=heads, atomic_energies=rows if h > 1 else rows[0],
                     scale=[scale] * h if h > 1 else scale, shift=[shift] * h if h > 1 else shift)
     return spec
 
 
-class ProgressBar:
-    """Engine callback: a tqdm bar over epochs showing the latest validation errors."""
+def training_eta(epoch: int, max_epochs: int, elapsed: float, max_time: float | None) -> tuple[float, str]:
+    """Seconds left and the limit that ends the run first (``max_epochs`` or ``max_time``) after
+    ``epoch`` epochs in ``elapsed`` seconds (both counted across resumes, as the loop counts them).
 
-    def __init__(self, max_epochs: int) -> None:
+    tqdm's own ETA extrapolates to ``max_epochs`` only; with a ``max_time`` that stops the run
+    sooner that ETA is a lie (hours shown for a run that ends in minutes). Early stopping
+    (``patience``) cannot be foreseen and may end a run sooner than either estimate."""
+    by_epochs = max(max_epochs - epoch, 0) * (elapsed / epoch if epoch > 0 else 0.0)
+    if max_time is not None and max(max_time - elapsed, 0.0) < by_epochs:
+        return max(max_time - elapsed, 0.0), "max_time"
+    return by_epochs, "max_epochs"
+
+
+class ProgressBar:
+    """Engine callback: a tqdm bar over epochs showing the latest validation errors and an ETA
+    that honours ``max_time`` (:func:`training_eta`)."""
+
+    BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # ETA in the postfix
+
+    def __init__(self, max_epochs: int, max_time: float | None = None) -> None:
         self.max_epochs = max_epochs
+        self.max_time = max_time
         self.bar: Any = None
 
     def on_epoch_end(self, engine: Any, record: Any) -> None:
@@ -264,10 +297,11 @@ class ProgressBar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.max_epochs, initial=record.epoch - 1, desc="training",
-                            unit="epoch", file=sys.stderr, dynamic_ncols=True)
+                            unit="epoch", file=sys.stderr, dynamic_ncols=True, bar_format=self.BAR_FORMAT)
         m = record.valid_metrics
+        eta, limit = training_eta(record.epoch, self.max_epochs, record.elapsed, self.max_time)
         self.bar.set_postfix_str(
-            f"valid F-MAE {m.get('forces_mae', float('nan')):.1f} meV/Å, "
+            f"ETA {self.bar.format_interval(eta)}{' (max_time)' if limit == 'max_time' else ''}, valid F-MAE {m.get('forces_mae', float('nan')):.1f} meV/Å, "
             f"E-MAE {m.get('energy_mae', float('nan')):.2f} meV/atom, lr {record.lr:.2g}"
         )
         self.bar.update(1)
@@ -299,16 +333,21 @@ def _run_dir(config: RunConfig, resume: bool) -> Path:
     return run_dir
 
 
-def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: bool) -> int | None:
+def _start_tracker(tracker: Tracker, config: RunConfig, run_dir: Path, resume: bool,
+                   sets: Mapping[str, Any]) -> int | None:
     """Open (or reopen, on resume) the run; returns the last epoch it already logged (a resumed
-    run re-runs the epoch a kill interrupted and must not log it twice)."""
+    run re-runs the epoch a kill interrupted and must not log it twice). A new run gets the
+    config as params and ``config.yaml``, and the data sets' sizes and hashes (:func:`data_params`)."""
     state_file = run_dir / TRACKING_FILE
     previous = json.loads(state_file.read_text()).get("run_id") if resume and state_file.exists() else None
     run_id = tracker.start(run_name=config.tracking.run_name or run_dir.name, resume_run_id=previous)
-    write_json_atomic(state_file, {"run_id": run_id})
-    if previous is None:
-        tracker.log_params(flatten(config.to_dict()))
+    write_json_atomic(state_file, {"run_id": run_id, "tracking_uri": getattr(tracker, "uri", None)})
+    if previous is None or run_id != previous:  # a new run (also when the old one is not in this store)
+        data = data_params(sets)
+        tracker.log_params({**flatten(config.to_dict()), **data})
         tracker.log_dict(config.to_dict(), "config.yaml")
+        if hasattr(tracker, "set_tags"):  # searchable: tags.data_sha256 = '…'
+            tracker.set_tags({"data_sha256": data["dataset.train.sha256"]})
         return None
     last_step = getattr(tracker, "last_step", None)
     return last_step("valid_loss") if callable(last_step) else None
@@ -385,10 +424,12 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     main = dist.is_main()
     verbose = verbose and main
     run_dir = _on_main(lambda: _prepare_run_dir(config, resume)) or config.output
-    sets = _datasets(config, registry, getattr(loss, "required_of_every_structure", loss.requires))
+    isolated: dict[int, dict[int, float]] | None = {} if config.model.E0s == "isolated" else None
+    sets = _datasets(config, registry, getattr(loss, "required_of_every_structure", loss.requires), isolated)
     torch.manual_seed(config.training.seed)
     initial = _initial_model(config, registry, sets["train"])
-    spec = (model_spec(config, registry, sets["train"]) if initial is None
+    e0s = e0_tables(config.model.E0s, sets["train"].numbers().tolist(), config.model.heads or ["default"], isolated)
+    spec = (model_spec(config, registry, sets["train"], e0s) if initial is None
             else initial.run_spec(config.model.heads, sets["train"].numbers().tolist()))
     model = wrap_for_training(build_potential(spec, registry), config.uq, registry, loss.outputs)
     if not resume:  # a resumed run's checkpoint holds newer weights and reference energies
@@ -404,7 +445,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
                       f"{1000 * row['residual_per_atom_after']:.1f} meV/atom", file=sys.stderr)
     tracker = make_tracker(registry, config) if main else registry.get(PluginKind.TRACKER, "none").factory(
         run_dir=config.output, experiment=config.tracking.experiment)
-    logged_through = _start_tracker(tracker, config, run_dir, resume) if main else None
+    logged_through = _start_tracker(tracker, config, run_dir, resume, sets) if main else None
     try:
         trainer = make_trainer(config, registry, model, loss, tracker, verbose, backend=backend,
                                logged_through=logged_through)
@@ -428,6 +469,7 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
             metrics.update(_physics_report(final, config, sets, tracker, run_dir, verbose))
         tracker.log_metrics({"epochs": result.epochs, "best_epoch": result.best_epoch})
         tracker.log_artifact(model_path)
+        _log_lab_notebook(tracker, result, model_path, run_dir)
     except BaseException:
         tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
@@ -435,6 +477,29 @@ def train(config: RunConfig, registry: Registry, *, resume: bool = False, verbos
     if verbose:
         print(f"model: {model_path}\ntracking: {tracker.describe()}", file=sys.stderr)
     return TrainOutcome(run_dir, model_path, metrics, result.stopped_because, result.epochs)
+
+
+def data_params(sets: Mapping[str, Any]) -> dict[str, Any]:
+    """``dataset.<set>.sha256`` (:func:`~atomforge.data.fingerprint.data_fingerprint`) and
+    ``dataset.<set>.structures`` of the train, valid (and test) sets: what the run saw."""
+    params: dict[str, Any] = {}
+    for name, dataset in sets.items():
+        params[f"dataset.{name}.sha256"] = data_fingerprint(dataset)
+        params[f"dataset.{name}.structures"] = len(dataset)
+    return params
+
+
+def _log_lab_notebook(tracker: Tracker, result: Any, model_path: Path, run_dir: Path) -> None:
+    """The learning curve (``plots/learning_curve.png``, also in the run folder) and the model as
+    an MLflow-style model (trackers that have ``log_model``)."""
+    plot = learning_curve_plot(result.history, run_dir / "learning_curve.png", title=run_dir.name)
+    tracker.log_artifact(plot, "plots")
+    if hasattr(tracker, "log_model"):
+        try:
+            tracker.log_model(model_path)
+        except Exception as error:  # noqa: BLE001 - the model file is saved and logged; the run still counts
+            warnings.warn(f"the model was trained and saved ({model_path}, also logged as an artifact), but logging it "
+                          f"as the tracker's model failed: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2)
 
 
 def train_settings(config: RunConfig, loss: CompositeLoss) -> TrainSettings:
@@ -471,7 +536,7 @@ def make_trainer(config: RunConfig, registry: Registry, model: torch.nn.Module, 
                                patience=s.patience, min_lr=s.min_lr, gamma=s.gamma, max_time=t.max_time)
     callbacks: list[Any] = [TrackerCallback(tracker, logged_through=logged_through)] if dist.is_main() else []
     if verbose:
-        callbacks.append(ProgressBar(t.max_epochs))
+        callbacks.append(ProgressBar(t.max_epochs, t.max_time))
     return Trainer(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, settings=settings,
                    backend=backend or make_backend(config, registry, settings), callbacks=callbacks,
                    checkpoint_dir=config.output / CHECKPOINT_DIR)
@@ -483,7 +548,7 @@ def _reference_energies(config: RunConfig, model: torch.nn.Module, initial: Init
     default; every head of a multi-head model trained from scratch); ``spec`` and ``initial``
     then carry the table, so deep-ensemble members start from the same one."""
     potential = getattr(model, "potential", model)
-    if initial is None and potential.num_heads == 1:
+    if initial is None and (potential.num_heads == 1 or config.model.E0s != "fit"):  # E0s given: in spec already
         return {}
     if initial is None:  # from scratch, several heads: one joint fit, then each head's own offsets
         plan = {h: "refit" for h in range(potential.num_heads)}
@@ -559,7 +624,7 @@ def _final_evaluation(model: Potential, sets: dict[str, GraphDataset], tracker: 
         if name not in sets:
             continue
         acc = evaluate(model, sets[name])
-        metrics.update({f"{prefix}_{k}": v for k, v in acc.metrics().items()})
+        metrics.update({f"{prefix}_{k}": v for k, v in {**acc.metrics(), **acc.config_type_metrics()}.items()})
         metrics.update({f"{prefix}_{quantity}_count": n for quantity, n in acc.counts.items()})  # structures scored
         if acc.metrics():  # an unlabelled set (denoising pre-training) has nothing to plot
             plot = parity_plot(acc, run_dir / f"parity_{name}.png", title=f"{name} set")

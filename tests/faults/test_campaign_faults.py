@@ -241,7 +241,7 @@ def test_readers_need_no_lock_and_skip_what_a_driver_is_still_writing(tmp_path) 
         status = campaign_status(directory)
         exported = export_campaign(directory, tmp_path / "out")
         assert status["labels"] == 1 and status["driver"]["command"] == "atomforge al run campaign.yaml"
-        assert status["driver"]["alive"] is True and exported["structures"] == "2"
+        assert status["driver"]["alive"] is True and exported["structures"] == 2
         assert {name: (directory / name).read_bytes() for name in before} == before  # readers wrote nothing
 
 

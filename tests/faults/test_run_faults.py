@@ -236,7 +236,7 @@ def test_a_resumed_run_logs_every_epoch_once(registry, cu_files, tmp_path, monke
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
     assert read_training_state(tmp_path / "run")["epoch"] == 2
     train(config_from_dict(raw), registry, resume=True, verbose=False)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the project's store
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
     steps = [m.step for m in client.get_metric_history(run_id, "valid_loss")]
     assert sorted(steps) == [1, 2, 3, 4]
