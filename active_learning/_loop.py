@@ -313,7 +313,8 @@ def _stability(campaign: Campaign, i: int) -> dict[str, float]:
     campaign.log(f"iteration {i}: MD-stability suite ({', '.join(f'{t:g}' for t in gate.temperatures)} K, "
                  f"{gate.n_starts} start(s), {gate.steps} steps)")
     return run_stability_suite(campaign.model_path(i), gate, out_dir=folder, registry=campaign.registry,
-                               head=campaign.config.train.get("head"), reference_dir=campaign.dir / "stability-reference",
+                               head=campaign.config.train.get("head"),
+                               reference_dir=campaign.dir / "stability-reference",
                                progress=lambda message: campaign.log(message, quiet=True))
 
 

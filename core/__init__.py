@@ -127,7 +127,8 @@ from .analysis.hessian import (HESSIAN_INDEX, HESSIAN_ROWS, attach_hessian_rows,
                                pick_rows, read_hessian_rows)
 from .workflows.distill import DistillConfig, DistillOutcome, distill, distill_config_from_dict, load_distill_config
 from .analysis.scaling import PowerLawFit, compute_frontier, fit_power_law, plot_scaling
-from .workflows.sweep import SweepConfig, SweepOutcome, load_sweep_config, run_sweep, sweep_config_from_dict
+from .workflows.sweep import (SweepConfig, SweepOutcome, load_sweep_config, run_sweep, sweep_config_from_dict,
+                              sweep_report_only)
 
 __version__ = "0.2.0"
 
@@ -169,7 +170,7 @@ __all__ = [
     "read_hessian_rows",
     "distill", "DistillConfig", "DistillOutcome", "distill_config_from_dict", "load_distill_config",
     # scaling sweeps and scaling-law fits (docs/sweep.md)
-    "run_sweep", "SweepConfig", "SweepOutcome", "sweep_config_from_dict", "load_sweep_config",
+    "run_sweep", "SweepConfig", "SweepOutcome", "sweep_config_from_dict", "load_sweep_config", "sweep_report_only",
     "fit_power_law", "PowerLawFit", "compute_frontier", "plot_scaling",
     # evaluation, metrics, plots
     "evaluate", "evaluate_uncertainty", "uncertainty_metrics", "ErrorAccumulator", "UQAccumulator",

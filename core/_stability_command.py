@@ -27,7 +27,7 @@ def stability_command(parser: argparse.ArgumentParser) -> Runner:
                         help="override a config value, e.g. --set temperatures=[300,900] (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for stability.json, the plots and cached reference MD "
-                             "(default: runs/stability/<model file stem>)")
+                             "(default: stability/ next to the model file)")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu | cuda | cuda:N | auto")
     parser.add_argument("--head", default=None, help="a multi-head model's head (name or index)")
     parser.add_argument("--tracking", default="mlflow", help="tracker plugin (mlflow | none; default mlflow)")
@@ -45,9 +45,10 @@ def _run(args: argparse.Namespace, registry: Registry) -> int:
     if not args.model.is_file():
         raise ConfigError(f"model file {str(args.model)!r} does not exist")
     config = load_stability_config(args.config, args.overrides)
-    out = args.out or Path("runs") / "stability" / args.model.stem
+    out = args.out or args.model.parent / "stability"
+    name = args.model.resolve().parent.name if args.model.stem == "model" else args.model.stem  # runs/cu/model.pt: cu
     tracker = registry.get(PluginKind.TRACKER, args.tracking).factory(run_dir=out, experiment=args.experiment)
-    tracker.start(run_name=f"stability-{args.model.stem}")
+    tracker.start(run_name=f"stability-{name}")
     try:
         tracker.log_params(flatten({"model": str(args.model.resolve()), **config_record(config)}))
         say = None if args.quiet else (lambda message: print(message, file=sys.stderr))
@@ -58,5 +59,6 @@ def _run(args: argparse.Namespace, registry: Registry) -> int:
         raise
     tracker.end("FINISHED")
     passed, verdict = stability_verdict(metrics, config)
-    print(json.dumps({**metrics, "verdict": verdict, "report": str(out / "stability.json")}, indent=2))
+    report = {**metrics, "verdict": verdict, "report": str(out / "stability.json")}
+    print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0 if passed else NOT_STABLE

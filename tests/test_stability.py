@@ -192,7 +192,8 @@ def test_gate_keeps_a_campaign_going_while_unstable_and_stops_it_when_stable(al_
     result = run_campaign(campaign_from_dict(raw), registry, verbose=False)  # resumes in the suite
     assert calls == [0, 1, 1]  # iteration 0's suite is not run again
     assert result.iterations == 1 and journal_keys(result.directory) == labels and len(labels) == 3
-    assert result.stopped_because.startswith("target forces MAE reached") and "; model MD-stable" in result.stopped_because
+    assert result.stopped_because.startswith("target forces MAE reached")
+    assert "; model MD-stable at 300 K" in result.stopped_because
     history = json.loads((result.directory / "state.json").read_text())["history"]
     assert [h["md_stable_fraction"] for h in history] == [0.0, 1.0]
     assert [h["md_passed"] for h in history] == [0.0, 1.0] and "time_stability_s" in history[1]

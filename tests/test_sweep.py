@@ -13,11 +13,12 @@ import pytest
 import yaml
 from ase.io import read
 
-from atomforge import ConfigError, PowerLawFit, compute_frontier, fit_power_law, run_sweep, sweep_config_from_dict
+from atomforge import (ConfigError, PowerLawFit, compute_frontier, fit_power_law, run_sweep, sweep_config_from_dict,
+                       sweep_report_only)
 from atomforge.cli import main
 from atomforge.workflows import sweep as sweep_module
 from atomforge.workflows._sweep_report import _stability
-from atomforge.workflows.sweep import draw_subsets, sweep_report_only
+from atomforge.workflows.sweep import draw_subsets
 
 from conftest import write_cu_sets
 
@@ -135,7 +136,7 @@ def test_the_report_is_regenerated_from_the_mlflow_store_alone(resumed, registry
     config, report = resumed["config"], resumed["outcome"].report
     assert report["source"] == "mlflow" and report["metric"] == "test_cu_forces_mae"
     fitted = {(r["scaling"], r["group"]) for r in report["fits"]}
-    assert {("data", "w8/base/scratch"), ("data", "w16/base/scratch"), ("params", "8/base/scratch")} <= fitted
+    assert {("data", "w8/base/scratch"), ("data", "w16/base/scratch"), ("params", "painn/8/base/scratch")} <= fitted
     elsewhere = dataclasses.replace(config, output=config.output.parent / "empty")  # none of the sweep's files:
     again = sweep_report_only(elsewhere, registry)  # the parent run is found by its tag in the project's store
     assert again["source"] == "mlflow" and again["points"] == 4

@@ -72,9 +72,11 @@ class PowerLawFit:
         return np.percentile(curves, tail, axis=0), np.percentile(curves, 100 - tail, axis=0)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain numbers (JSON): the parameters, their intervals and the fit's size (no samples)."""
-        return {"a": self.a, "alpha": self.alpha, "c": self.c, "a_ci": list(self.a_ci),
-                "alpha_ci": list(self.alpha_ci), "c_ci": list(self.c_ci), "confidence": self.confidence,
+        """Plain numbers (JSON): the parameters, their intervals (``null`` without a bootstrap)
+        and the fit's size (no samples)."""
+        ci = lambda pair: [None if math.isnan(v) else v for v in pair]  # noqa: E731 - strict JSON has no NaN
+        return {"a": self.a, "alpha": self.alpha, "c": self.c, "a_ci": ci(self.a_ci),
+                "alpha_ci": ci(self.alpha_ci), "c_ci": ci(self.c_ci), "confidence": self.confidence,
                 "n_points": self.n_points, "n_x": self.n_x, "method": self.method,
                 "rms_log_residual": self.rms_log_residual}
 
@@ -207,15 +209,34 @@ def compute_frontier(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
     return np.array(frontier, dtype=np.int64)
 
 
-def plot_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float], PowerLawFit | None]],
-                 path: Path | str, *, xlabel: str, ylabel: str, title: str = "") -> Path:
+Series = Mapping[str, tuple[Sequence[float], Sequence[float], "PowerLawFit | None"]]  # label → (x, y, fit or None)
+
+
+def plot_scaling(series: Series | Mapping[str, Series], path: Path | str, *, xlabel: str, ylabel: str,
+                 title: str = "") -> Path:
     """Log–log plot of each series' points (every seed), its fitted curve and the curve's
     confidence band; the legend gives each exponent with its interval. ``series``: label →
-    ``(x, y, fit or None)``."""
+    ``(x, y, fit or None)``, or panel title → such a mapping (one panel each, side by side,
+    e.g. one per model family)."""
+    panels = series if series and all(isinstance(v, Mapping) for v in series.values()) else {"": series}
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for k, (label, (x, y, fit)) in enumerate(series.items()):
-        color = f"C{k % 10}"
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False, sharey=True)
+    for ax, (name, content) in zip(axes[0], panels.items()):
+        _draw_series(ax, content)  # type: ignore[arg-type]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(" — ".join(t for t in (title, name) if t))
+        ax.grid(True, which="both", alpha=0.25)
+        if content:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    return save_figure(fig, path)
+
+
+def _draw_series(ax: Any, series: Series) -> None:
+    colors = [pyplot().get_cmap("tab20" if len(series) > 10 else "tab10")(k % 20) for k in range(len(series))]
+    for color, (label, (x, y, fit)) in zip(colors, series.items()):
         x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         text = label
         if fit is not None:
@@ -226,13 +247,3 @@ def plot_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float], Po
             ci = "" if math.isnan(fit.alpha_ci[0]) else f" [{fit.alpha_ci[0]:.2f}, {fit.alpha_ci[1]:.2f}]"
             text = f"{label}: α={fit.alpha:.2f}{ci}"
         ax.scatter(x, y, color=color, s=18, label=text, zorder=3)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.25)
-    if series:
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator
 from ase.data import atomic_numbers, chemical_symbols
 
 from .._errors import ConfigError
@@ -53,11 +53,13 @@ from .._io import write_json_atomic, write_text_atomic
 from .._specs import PluginKind
 from ..config import SourceConfig, _check_keys, _mapping, _source, apply_overrides, read_yaml
 from ..data.graph import neighbor_list
+from ..exploration.oracle import OracleCalculator
 from .physics import MDStability, checked_md
 from .plots import pyplot, save_figure
 
 __all__ = ["StabilityConfig", "NVEConfig", "ReferenceConfig", "RDFConfig", "stability_config_from_dict",
-           "load_stability_config", "config_record", "run_stability_suite", "stability_verdict", "radial_distribution", "rdf_error", "reference_frames"]
+           "load_stability_config", "config_record", "run_stability_suite", "stability_verdict",
+           "radial_distribution", "rdf_error", "reference_frames"]
 
 _TOP = ("starts", "temperatures", "n_starts", "steps", "timestep_fs", "friction_per_fs", "check_every",
         "min_distance", "bond_stretch", "max_energy_deviation", "max_temperature_factor", "nve", "reference", "rdf",
@@ -187,7 +189,8 @@ def _reference(value: Any, base: Path) -> ReferenceConfig | None:
     if oracle is not None:
         oracle = {"name": oracle} if isinstance(oracle, str) else _mapping(oracle, "reference.oracle")
         if not isinstance(oracle.get("name"), str):
-            raise ConfigError("reference.oracle: give the oracle plugin's name, e.g. {name: emt} (see `atomforge plugins`)")
+            raise ConfigError("reference.oracle: give the oracle plugin's name, e.g. {name: emt} "
+                              "(see `atomforge plugins`)")
     trajectory = None
     if data.get("trajectory") is not None:
         trajectory = Path(str(data["trajectory"])).expanduser()
@@ -281,28 +284,12 @@ def config_record(config: StabilityConfig) -> dict[str, Any]:
 
 
 # -- the suite ------------------------------------------------------------------------------------
-class _LabelCalculator(Calculator):
-    """An oracle without an ASE calculator of its own (e.g. pyscf) as a calculator: one label per step."""
-
-    implemented_properties = ["energy", "forces"]
-
-    def __init__(self, oracle: Any) -> None:
-        super().__init__()
-        self.oracle = oracle
-
-    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
-                  system_changes: Sequence[str] = all_changes) -> None:
-        super().calculate(atoms, properties, system_changes)
-        labelled = self.oracle.label(self.atoms.copy())
-        self.results = {"energy": float(labelled.get_potential_energy()), "forces": np.array(labelled.get_forces())}
-
-
 def _oracle_calculator(spec: Mapping[str, Any], registry: Any) -> Calculator:
     """The ASE calculator of an oracle plugin: its own (``make_calculator``) when it has one."""
     options = {k: v for k, v in spec.items() if k != "name"}
     oracle = registry.get(PluginKind.ORACLE, spec["name"]).factory(**options)
     make = getattr(oracle, "make_calculator", None)
-    return make() if callable(make) else _LabelCalculator(oracle)
+    return make() if callable(make) else OracleCalculator(oracle)
 
 
 def _model_calculator(model: Any, registry: Any, head: str | None, device: str) -> Any:
@@ -590,7 +577,8 @@ def _rdf_comparison(config: StabilityConfig, calc: Any, start: Atoms, runs: Mapp
                "reference": {k: v.tolist() for k, v in g_ref.items()}, "source": source,
                "temperature": temperature, "steps": steps, "model_failure": md.failure,
                "kind": "g(r)" if start.pbc.all() else "pair-distance distribution p(r), 1/Å"}
-    metrics = {"rdf_error": error, "rdf_frames": float(len(model_frames)), "rdf_reference_frames": float(len(ref_frames))}
+    metrics = {"rdf_error": error, "rdf_frames": float(len(model_frames)),
+               "rdf_reference_frames": float(len(ref_frames))}
     return metrics, details, plot
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import Calculator, all_changes
 
 from .._errors import AtomforgeError
 from ..data.structures import attach_labels, get_labels
@@ -34,6 +34,7 @@ __all__ = [
     "check_labels_finite",
     "check_label_result",
     "time_limit",
+    "OracleCalculator",
 ]
 
 
@@ -274,3 +275,25 @@ def label_safely(oracle: Oracle, atoms: Atoms, *, key: str = "", timeout: float 
         except Exception as failure:  # noqa: BLE001 - any oracle failure is recorded, never fatal
             error = f"{type(failure).__name__}: {failure}"
     return LabelResult(key, None, error, retries + 1, time.perf_counter() - started)
+
+
+class OracleCalculator(Calculator):
+    """An oracle as an ASE calculator (one label per call), so dynamics can run with an oracle
+    that has no calculator of its own (e.g. ``pyscf``): the distillation teacher's MD and the
+    stability suite's reference MD. Stress is passed on when the oracle gives one."""
+
+    implemented_properties = ["energy", "forces", "stress"]
+
+    def __init__(self, oracle: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.oracle = oracle
+
+    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
+                  system_changes: Sequence[str] = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        labelled = self.oracle.label(self.atoms.copy())
+        self.results = {"energy": float(labelled.get_potential_energy()), "forces": np.array(labelled.get_forces())}
+        try:
+            self.results["stress"] = np.array(labelled.get_stress())
+        except Exception:  # noqa: BLE001  (molecules: no stress)
+            pass

@@ -36,6 +36,7 @@ class AxisValue:
     init_from: Any = None  # init axis: a model file, or {model name: file} (one pretrained file per model size)
     head: str | None = None  # init axis: the head the sweep's data train and are scored on (model.heads)
     replay: tuple[dict[str, Any], ...] = ()  # init axis: sources mixed into training, each with a ratio
+    family: str | None = None  # model axis: the family parameter and compute laws are fitted per (default: the backbone)
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,13 @@ def _axis(value: Any, where: str, block: str) -> tuple[AxisValue, ...]:
     for k, item in enumerate(value):
         entry = _named(item, f"{where}[{k}]")
         overrides = copy.deepcopy(_mapping(entry.pop("overrides", None), f"{where}[{k}].overrides"))
+        family = entry.pop("family", None) if block == "model" else None
+        if family is not None and (not isinstance(family, str) or not _NAME.match(family)):
+            raise ConfigError(f"{where}[{k}].family: expected a name (letters, digits, '_', '.'); got {family!r}")
         shorthand = {key: v for key, v in entry.items() if key != "name"}
         if shorthand:  # e.g. {name: s, hidden_channels: 16} → model.hidden_channels
             overrides = merge(overrides, {block: shorthand})
-        out.append(AxisValue(entry["name"], overrides))
+        out.append(AxisValue(entry["name"], overrides, family=family))
     return _unique(out, where)
 
 

@@ -8,7 +8,7 @@ has no store (``tracking: none``) the points' ``result.json`` files are read ins
 What it makes, in ``<output>/report/`` and logged to the parent run under ``report/``:
 
 - ``points.csv``: every point with its axes, parameters, compute and the fitted error;
-- ``fits.json``, ``exponents.md``, ``exponents.csv``: the power laws ``L = a·x^(−α) + c`` in data
+- ``report.json``, ``exponents.md``, ``exponents.csv``: the power laws ``L = a·x^(−α) + c`` in data
   (per model, budget and initialisation), in parameters (per data size, budget and
   initialisation) and along the compute frontier (per initialisation), with their intervals;
 - ``scaling_data.png``, ``scaling_params.png``, ``compute_frontier.png``: log–log plots with each
@@ -120,6 +120,7 @@ def points_from_store(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         point = {"key": tags["sweep.key"], **{k: tags[f"sweep.{k}"] for k in _AXES},
+                 "family": tags.get("sweep.family", ""),
                  **{k: metrics.get(f"sweep_{k}", math.nan) for k in _NUMBERS}, "run_id": run.info.run_id,
                  "stopped_because": tags.get("sweep.stopped_because"),
                  "metrics": {k: v for k, v in metrics.items() if not k.startswith("sweep_")}}
@@ -147,7 +148,7 @@ def scaling_report(points: Sequence[Mapping[str, Any]], fits: Any, tests: Sequen
     compute = fits.compute
     scalings = {
         "data": _group_fits(usable, key, "n_train", ("model", "budget", "init"), fits),
-        "params": _group_fits(usable, key, "params", ("size", "budget", "init"), fits),
+        "params": _group_fits(usable, key, "params", ("family", "size", "budget", "init"), fits),
         "compute": _frontier_fits(usable, key, compute, fits),
     }
     report: dict[str, Any] = {"metric": key, "compute": compute, "points": len(points), "fitted_points": len(usable),
@@ -195,17 +196,19 @@ def _fit_row(kind: str, label: str, group: Mapping[str, Any], x: np.ndarray, y: 
 
 
 def _frontier_fits(points: Sequence[Mapping[str, Any]], key: str, compute: str, fits: Any) -> list[dict[str, Any]]:
-    """Per initialisation: the Pareto frontier of error against compute, and a power law along it."""
+    """Per model family (default: backbone) and initialisation: the Pareto frontier of error
+    against compute, and a power law along it."""
     rows = []
-    by_init: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    by_init: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for point in points:
-        by_init[str(point["init"])].append(point)
-    for init, members in sorted(by_init.items()):
+        by_init[(str(point.get("family", "")), str(point["init"]))].append(point)
+    for (family, init), members in sorted(by_init.items()):
         x = np.array([float(p[compute]) for p in members])
         y = np.array([float(p["metrics"][key]) for p in members])
         keep = np.isfinite(x) & (x > 0)
         chosen = compute_frontier(x[keep], y[keep])
-        row = _fit_row(compute, init, {"init": init}, x[keep][chosen], y[keep][chosen], fits)
+        row = _fit_row(compute, f"{family}/{init}", {"family": family, "init": init}, x[keep][chosen],
+                       y[keep][chosen], fits)
         row["frontier"] = [members[i]["key"] for i in np.flatnonzero(keep)[chosen]]
         row["all_x"], row["all_y"] = x[keep].tolist(), y[keep].tolist()
         rows.append(row)
@@ -255,10 +258,14 @@ def _write(out: Path, points: Sequence[Mapping[str, Any]], report: dict[str, Any
            scalings: Mapping[str, list[dict[str, Any]]], key: str, compute: str) -> list[str]:
     compute = "samples_seen" if compute == "samples" else compute
     files = [_points_csv(out / "points.csv", points, key)]
+    family_of = {p["model"]: str(p.get("family", "")) for p in points}
     for name, x_label in (("data", "n_train"), ("params", "params")):
-        series = {row["group"]: (row["x_values"], row["y_values"], row.get("_fit")) for row in scalings[name]}
-        files.append(plot_scaling(series, out / f"scaling_{name}.png", xlabel=_LABELS[x_label], ylabel=key,
-                                  title=f"{key} vs {'data' if name == 'data' else 'parameters'}"))
+        panels: dict[str, dict[str, Any]] = defaultdict(dict)  # one panel per model family
+        for row in scalings[name]:
+            family = family_of.get(row.get("group.model"), "") if name == "data" else str(row.get("group.family", ""))
+            panels[family][row["group"]] = (row["x_values"], row["y_values"], row.get("_fit"))
+        files.append(plot_scaling(dict(sorted(panels.items())), out / f"scaling_{name}.png", xlabel=_LABELS[x_label],
+                                  ylabel=key, title="data" if name == "data" else "parameters"))
     files.append(_frontier_plot(out / "compute_frontier.png", scalings["compute"], key, compute))
     rows = [r for rows in scalings.values() for r in rows]
     for row in rows:
@@ -301,17 +308,17 @@ def _points_csv(path: Path, points: Sequence[Mapping[str, Any]], key: str) -> Pa
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     extra = sorted({k for p in points for k in p.get("metrics", {}) if k.startswith(("test_", "best_valid_", "stability_"))})
-    writer.writerow(["key", *_AXES, *_NUMBERS, *extra])
+    writer.writerow(["key", *_AXES, "family", *_NUMBERS, *extra])
     for p in sorted(points, key=lambda p: p["key"]):
-        writer.writerow([p["key"], *(p[a] for a in _AXES), *(p.get(n) for n in _NUMBERS),
+        writer.writerow([p["key"], *(p[a] for a in _AXES), p.get("family", ""), *(p.get(n) for n in _NUMBERS),
                          *(p.get("metrics", {}).get(k) for k in extra)])
     return write_text_atomic(path, buffer.getvalue())
 
 
 def _ci(row: Mapping[str, Any], name: str) -> str:
-    lo, hi = row.get(f"{name}_ci", (math.nan, math.nan))
+    lo, hi = row.get(f"{name}_ci") or (None, None)
     value = row[name]
-    return f"{value:.3g}" if math.isnan(lo) else f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
+    return f"{value:.3g}" if lo is None else f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
 def _exponent_tables(out: Path, rows: Sequence[Mapping[str, Any]], key: str) -> list[Path]:

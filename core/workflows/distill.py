@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator
 from ase.io import read, write
 
 from .. import keys as K
@@ -43,7 +43,7 @@ from .._specs import PluginKind
 from ..analysis.hessian import attach_hessian_rows, fd_hessian_rows, hessian_rows, pick_rows
 from ..config import _check_keys, _mapping, _source, apply_overrides, config_from_dict, read_yaml
 from ..data.structures import attach_labels
-from ..exploration.oracle import label_safely
+from ..exploration.oracle import OracleCalculator, label_safely
 from ..exploration.records import unphysical_reason
 from ..registry import Registry
 
@@ -191,26 +191,6 @@ def load_distill_config(path: Path | str, overrides: Sequence[str] = ()) -> Dist
 
 
 # -- the teacher ----------------------------------------------------------------------------------
-class OracleCalculator(Calculator):
-    """An oracle plugin as an ASE calculator, so explorers can run dynamics with it."""
-
-    implemented_properties = ["energy", "forces", "stress"]
-
-    def __init__(self, oracle: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.oracle = oracle
-
-    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
-                  system_changes: Sequence[str] = all_changes) -> None:
-        super().calculate(atoms, properties, system_changes)
-        labelled = self.oracle.label(self.atoms.copy())
-        self.results = {"energy": float(labelled.get_potential_energy()), "forces": np.array(labelled.get_forces())}
-        try:
-            self.results["stress"] = np.array(labelled.get_stress())
-        except Exception:  # noqa: BLE001  (molecules: no stress)
-            pass
-
-
 class Teacher:
     """Labels structures with energy, forces, stress and Hessian rows, and gives explorers a
     calculator. A model teacher labels in batches (one forward pass per batch)."""

@@ -219,6 +219,7 @@ class PointTask:
     stability_reference: str  # shared cache of generated reference MD
     tracking: dict[str, Any] | None  # the tracker factory's options to reopen the point's run
     signature: str = ""  # point_signature of raw (recorded: a later change of the config is detected)
+    family: str | None = None  # the model's family (default: its backbone)
     verbose: bool = False
 
 
@@ -263,7 +264,8 @@ def run_point(task: PointTask, registry: Registry | None = None) -> dict[str, An
     run_dir = folder / "train"
     resumed = has_checkpoint(run_dir)
     started = time.perf_counter()
-    outcome = train(config_from_dict(task.raw, task.base_dir), registry, resume=resumed, verbose=task.verbose)
+    run_config = config_from_dict(task.raw, task.base_dir)
+    outcome = train(run_config, registry, resume=resumed, verbose=task.verbose)
     metrics = {k: float(v) for k, v in outcome.test_metrics.items() if k.startswith("best_valid_")}
     device = str(task.raw["training"]["device"])
     model = _load_for_evaluation(outcome.model_path, registry, device)
@@ -274,6 +276,7 @@ def run_point(task: PointTask, registry: Registry | None = None) -> dict[str, An
     if task.stability is not None:
         metrics.update(_stability_metrics(outcome.model_path, task, registry, device))
     record = _record(task, outcome, model, metrics, resumed, time.perf_counter() - started)
+    record["family"] = task.family or run_config.model.backbone  # parameter and compute laws are fitted per family
     _log_point(task, record, registry, folder)
     write_json_atomic(folder / RESULT_FILE, record)
     return record
@@ -324,6 +327,7 @@ def _log_point(task: PointTask, record: Mapping[str, Any], registry: Registry, f
     tracker.log_metrics({**record["metrics"], **{f"sweep_{k}": float(record[k]) for k in _NUMBERS}})
     if hasattr(tracker, "set_tags"):
         tracker.set_tags({"sweep.key": task.key, **{f"sweep.{k}": v for k, v in task.axes.items()},
+                          "sweep.family": record["family"],
                           "sweep.stopped_because": record["stopped_because"], "sweep.done": "true"})
     tracker.log_artifact(folder / "subset.json", "sweep")
     tracker.end("FINISHED")
@@ -430,8 +434,8 @@ def _check_points(config: SweepConfig, registry: Registry, points: Sequence[Swee
         except AtomforgeError as error:  # a config error or an unknown plugin name, named with its point
             raise ConfigError(f"sweep point {point.key} (model {point.model}, budget {point.budget}, init "
                               f"{point.init}): {error}") from error
-    for name, source in config.data.test.items():
-        registry.get(PluginKind.DATA_SOURCE, source.source)
+    for source in config.data.test.values():  # a missing test file fails now, not after training
+        load_source(registry, source, config.base_dir)
 
 
 def _parent_tracker(config: SweepConfig, registry: Registry, *, resume: bool) -> Tracker:
@@ -476,6 +480,7 @@ def _task(config: SweepConfig, point: SweepPoint, subsets: _Subsets, device: str
                      tests=tests, head=init.head, epoch_structures=epoch, stability=config.stability,
                      stability_dir=str(config.config_dir), stability_reference=str(config.output / "stability_reference"),
                      tracking=block if isinstance(block, dict) else None, signature=point_signature(raw),
+                     family=next(m.family for m in config.models if m.name == point.model),
                      verbose=verbose and config.executor.kind == "serial")
 
 
