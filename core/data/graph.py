@@ -68,6 +68,23 @@ def _check_contacts(i: np.ndarray, j: np.ndarray, dist: np.ndarray, where: str) 
         )
 
 
+def _edge_tensors(atoms: Atoms, cutoff: float, dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
+    """Edge index [2, E] and cell shifts [E, 3] of the neighbour list (close contacts raise)."""
+    i, j, shifts, dist = neighbor_list(atoms, cutoff)
+    _check_contacts(i, j, dist, where)
+    return {K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])), K.SHIFTS: torch.as_tensor(shifts, dtype=dtype)}
+
+
+def _structure_tensors(atoms: Atoms, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Numbers, cell, periodicity and atom count: what moving the atoms leaves unchanged."""
+    return {
+        K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
+        K.CELL: torch.as_tensor(np.asarray(atoms.cell[:]), dtype=dtype).reshape(1, 3, 3),
+        K.PBC: torch.as_tensor(np.asarray(atoms.pbc, dtype=bool)).reshape(1, 3),
+        K.N_ATOMS: torch.tensor([len(atoms)], dtype=torch.long),
+    }
+
+
 def atoms_to_graph(
     atoms: Atoms,
     cutoff: float,
@@ -80,17 +97,9 @@ def atoms_to_graph(
     """Build one structure's graph: geometry and neighbour list, its labels where present, and
     every field of ``fields`` (default :data:`~atomforge.DEFAULT_FIELDS`) that reads
     itself from ``ase.Atoms`` (metadata such as charge and spin, plugin fields)."""
-    i, j, shifts, dist = neighbor_list(atoms, cutoff)
-    _check_contacts(i, j, dist, where)
-    graph = {
-        K.POSITIONS: torch.as_tensor(atoms.positions, dtype=dtype),
-        K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
-        K.CELL: torch.as_tensor(np.asarray(atoms.cell[:]), dtype=dtype).reshape(1, 3, 3),
-        K.PBC: torch.as_tensor(np.asarray(atoms.pbc, dtype=bool)).reshape(1, 3),
-        K.N_ATOMS: torch.tensor([len(atoms)], dtype=torch.long),
-        K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
-        K.SHIFTS: torch.as_tensor(shifts, dtype=dtype),
-    }
+    edges = _edge_tensors(atoms, cutoff, dtype, where)
+    structure = _structure_tensors(atoms, dtype)
+    graph = {K.POSITIONS: torch.as_tensor(atoms.positions, dtype=dtype), **structure, **edges}
     graph.update(read_fields(atoms, DEFAULT_FIELDS if fields is None else fields, dtype=dtype, where=where))
     if labels is not None:
         if labels.energy is not None:
@@ -100,6 +109,74 @@ def atoms_to_graph(
         if labels.stress is not None:
             graph[K.STRESS] = torch.as_tensor(labels.stress, dtype=dtype).reshape(1, 3, 3)
     return graph
+
+
+class StructureBatcher:
+    """Batches of one structure, call after call, for a calculator that follows one system as it
+    moves (MD, relaxation, exploration): equal, tensor for tensor, to
+    ``collate([atoms_to_graph(atoms, cutoff, dtype=dtype, fields=fields)], fields)`` on ``device``.
+
+    Positions and the neighbour list are rebuilt on every call. What depends only on things that
+    did not change since the previous call is reused instead of rebuilt: the atomic numbers, cell,
+    periodicity, atom count and batch vector (while numbers, cell and pbc are equal) and the
+    fields read from ``ase.Atoms`` (metadata such as charge and spin: while every reader returns
+    the same scalar as before). Reused tensors are shared between batches, so a model must not
+    write into its inputs (none does: forces and stress differentiate fresh leaves).
+    """
+
+    def __init__(self, cutoff: float, *, dtype: torch.dtype, fields: FieldTable | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.cutoff = float(cutoff)
+        self.dtype = dtype
+        self.fields = DEFAULT_FIELDS if fields is None else fields
+        self.device = torch.device(device)
+        self._readers = [spec.read for spec in self.fields.values() if spec.read is not None]
+        # numbers, cell and pbc of the previous call, then their tensors and the batch vector
+        self._structure: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._read: tuple[list, dict[str, torch.Tensor]] | None = None  # the values read, their tensors
+
+    def __call__(self, atoms: Atoms, where: str = "structure") -> dict[str, torch.Tensor]:
+        """The batch of ``atoms`` alone (close contacts and malformed fields raise, naming ``where``)."""
+        edges = _edge_tensors(atoms, self.cutoff, self.dtype, where)
+        structure, batch_vector = self._structure_of(atoms)
+        batch = {K.POSITIONS: torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device), **structure}
+        batch.update((key, value.to(self.device)) for key, value in edges.items())
+        batch.update(self._fields_of(atoms, where))
+        batch[K.BATCH] = batch_vector  # the key collate adds last
+        return batch
+
+    def _structure_of(self, atoms: Atoms) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Numbers, cell, pbc and atom count, and the batch vector: reused while numbers, cell and
+        pbc are equal to the previous call's."""
+        numbers, cell, pbc = atoms.numbers, atoms.cell.array, atoms.pbc
+        cached = self._structure
+        if cached is not None and np.array_equal(cached[0], numbers) and np.array_equal(cached[1], cell) \
+                and np.array_equal(cached[2], pbc):
+            return cached[3], cached[4]
+        tensors = {key: value.to(self.device) for key, value in _structure_tensors(atoms, self.dtype).items()}
+        batch_vector = torch.zeros(len(atoms), dtype=torch.long, device=self.device)
+        self._structure = (numbers.copy(), cell.copy(), pbc.copy(), tensors, batch_vector)
+        return tensors, batch_vector
+
+    def _fields_of(self, atoms: Atoms, where: str) -> dict[str, torch.Tensor]:
+        """:func:`read_fields`' tensors, reused while every reader returns the scalar it returned
+        the previous call (an array value, e.g. a plugin's per-atom field, is read afresh)."""
+        values = [read(atoms) for read in self._readers]
+        if self._read is not None and _same_scalars(values, self._read[0]):
+            return self._read[1]
+        tensors = {key: value.to(self.device) for key, value in
+                   read_fields(atoms, self.fields, dtype=self.dtype, where=where).items()}
+        self._read = (values, tensors) if all(_is_scalar(v) for v in values) else None
+        return tensors
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, np.generic))
+
+
+def _same_scalars(values: list, before: list) -> bool:
+    """Whether ``values`` are the scalars read before (same types, equal; NaN never is)."""
+    return all(type(a) is type(b) and a == b for a, b in zip(values, before))
 
 
 class GraphDataset:
