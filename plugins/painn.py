@@ -142,14 +142,18 @@ class PaiNNInteraction(nn.Module):
         centre: torch.Tensor,
         neighbour: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updated ``s`` [N, F] and ``v`` [N, 3, F] (``None``: zeros) from this block's ``filters``
+        [E, 3F] and the unit edge ``directions`` [E, 3, 1] of the edges ``centre`` ← ``neighbour``."""
         f = self.features
-        x = self.context(s)[neighbour] * filters
-        ds, dvv, dvs = torch.split(x, f, dim=-1)
-        dv = dvs.unsqueeze(1) * directions.unsqueeze(-1)
+        # index_select, not indexing: the same values, and a backward pass (index_add) that is
+        # cheaper than indexing's (index_put with accumulation)
+        x = self.context(s).index_select(0, neighbour) * filters
+        ds, dvv, dvs = x.split(f, dim=-1)
+        dv = dvs.unsqueeze(1) * directions
         if v is None:  # first block: vector features start at zero, so skip the zero term
             v = s.new_zeros((s.shape[0], 3, f))
         else:
-            dv = torch.addcmul(dv, dvv.unsqueeze(1), v[neighbour])
+            dv = torch.addcmul(dv, dvv.unsqueeze(1), v.index_select(0, neighbour))
         s = s.index_add(0, centre, ds)
         v = v.index_add(0, centre, dv)
         return self.update_block(s, v)
@@ -157,9 +161,9 @@ class PaiNNInteraction(nn.Module):
     def update_block(self, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gated update of ``s`` [N, F] and ``v`` [N, 3, F] after the messages are summed."""
         f = self.features
-        uv, vv = torch.split(self.mix_vectors(v), f, dim=-1)
+        uv, vv = self.mix_vectors(v).split(f, dim=-1)
         vv_norm = torch.sqrt((vv * vv).sum(1) + 1e-8)
-        a_vv, a_sv, a_ss = torch.split(self.update(torch.cat([s, vv_norm], -1)), f, dim=-1)
+        a_vv, a_sv, a_ss = self.update(torch.cat([s, vv_norm], -1)).split(f, dim=-1)
         s = s + a_sv * (uv * vv).sum(1) + a_ss
         v = v + a_vv.unsqueeze(1) * uv
         return s, v
@@ -233,7 +237,7 @@ class PaiNN(Backbone):
             return None
         if self.edge_chunk is not None:
             return self.edge_chunk if num_edges > self.edge_chunk else None
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         least = max(1, AUTO_CHUNK_BYTES // (3 * self.features * itemsize))
         return -(-num_edges // max(2, num_edges // least)) if num_edges > least else None
 
@@ -248,7 +252,7 @@ class PaiNN(Backbone):
                 if chunk is not None:
                     return self._outputs(*self._chunked_layers(s, batch, chunk))
         centre, neighbour = batch[K.EDGE_INDEX][0], batch[K.EDGE_INDEX][1]
-        directions = batch[K.EDGE_VECTORS] / lengths.unsqueeze(-1)
+        directions = (batch[K.EDGE_VECTORS] / lengths.unsqueeze(-1)).unsqueeze(-1)  # [E, 3, 1]
         basis, envelope = self.radial(lengths)
         all_filters = (self.filters(basis) * envelope.unsqueeze(-1)).split(3 * self.features, -1)
         v: torch.Tensor | None = None

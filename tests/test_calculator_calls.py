@@ -19,7 +19,7 @@ from atomforge import (
     collate,
 )
 from atomforge import keys as K
-from atomforge.data.graph import StructureBatcher
+from atomforge.data.graph import SMALL_OPEN_STRUCTURE, StructureBatcher, _vesin, neighbor_list
 from atomforge.model.calculator import _system_changes
 from atomforge.model.modelfile import build_potential
 
@@ -135,3 +135,38 @@ def test_non_finite_results_are_refused_naming_the_structure(registry) -> None:
     with pytest.raises(ModelOutputError, match=r"9-atom C2H6O: the model returned NaN/inf \(energy of structure"):
         atoms.get_forces()
     assert atoms.calc.results == {}
+
+
+def test_small_open_structures_get_vesins_neighbour_list() -> None:
+    """All pairs in numpy (small open structures): vesin's pairs and distances, bit for bit; in
+    vesin's order too for a molecule (less than two cutoffs across)."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 9, 20, SMALL_OPEN_STRUCTURE):
+        for spread in (5.0, 60.0):  # compact (every pair within the cutoff) and sparse (> two cutoffs across)
+            atoms = Atoms(numbers=rng.integers(1, 9, n), positions=rng.uniform(0, (n * spread) ** (1 / 3), (n, 3)))
+            i, j, shifts, dist = neighbor_list(atoms, CUTOFF)
+            vi, vj, vshifts, vdist = _vesin(atoms, CUTOFF, "ijSd")
+            ours, theirs = np.lexsort((j, i)), np.lexsort((vj, vi))
+            assert np.array_equal(i[ours], vi[theirs]) and np.array_equal(j[ours], vj[theirs])
+            assert np.array_equal(dist[ours], vdist[theirs]) and not shifts.any() and not vshifts.any()
+            assert i.dtype == j.dtype == np.int64 and shifts.dtype == dist.dtype == np.float64
+    ethanol = molecule("CH3CH2OH")
+    for got, expected in zip(neighbor_list(ethanol, 5.0), _vesin(ethanol, 5.0, "ijSd")):
+        assert np.array_equal(got, expected)
+
+
+def test_a_batch_of_one_gives_the_numbers_of_a_batch_of_two(registry) -> None:
+    """A batch of one structure (cell shifts by one matrix product) and the same structure in a
+    batch of two (per-edge cells) give the same energy, forces and stress."""
+    potential = _painn(registry).eval()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    atoms.set_cell(atoms.cell[:] @ np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.05], [0.0, 0.0, 1.0]]), scale_atoms=True)
+    atoms.numbers[:3] = [1, 6, 8]
+    atoms.rattle(0.05, seed=1)
+    graph = atoms_to_graph(atoms, CUTOFF, dtype=torch.float64)
+    one = {k: v.detach() for k, v in potential(collate([graph]), compute_stress=True).items()}
+    two = {k: v.detach() for k, v in potential(collate([graph, graph]), compute_stress=True).items()}
+    n = len(atoms)
+    for key, mine, batched in ((K.ENERGY, one[K.ENERGY], two[K.ENERGY][:1]), (K.FORCES, one[K.FORCES], two[K.FORCES][:n]),
+                               (K.STRESS, one[K.STRESS], two[K.STRESS][:1])):
+        torch.testing.assert_close(mine, batched, rtol=1e-12, atol=1e-12 * float(batched.abs().max()), msg=key)

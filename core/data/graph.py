@@ -31,6 +31,13 @@ __all__ = [
 ]
 
 
+#: open structures (no periodic axis) of at most this many atoms get their neighbour list from
+#: all pairs in numpy instead of vesin: the same pairs, found faster at this size (9 atoms: ~8
+#: instead of ~30 µs alone, ~55 instead of ~130 µs between two model calls of an MD run, where
+#: vesin's Python-side set-up finds cold caches).
+SMALL_OPEN_STRUCTURE = 32
+
+
 def neighbor_list(
     atoms: Atoms, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -39,8 +46,22 @@ def neighbor_list(
     Periodic along any subset of axes and any triclinic cell, including cells smaller than the
     cutoff (several images of one atom are then neighbours).
     """
+    if len(atoms) <= SMALL_OPEN_STRUCTURE and not np.any(atoms.pbc):
+        return _all_pairs(np.asarray(atoms.positions, dtype=np.float64), cutoff)
     i, j, shifts, dist = _vesin(atoms, cutoff, "ijSd")
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), dist
+
+
+def _all_pairs(positions: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """vesin's neighbour list of an open structure by testing all pairs: squared distance below
+    ``cutoff²`` (vesin's test, with its arithmetic: the same pairs and distances, bit for bit),
+    ordered by (i, j), which is also vesin's order for a structure less than two cutoffs across."""
+    vectors = positions[None, :, :] - positions[:, None, :]  # [i, j]: r_j - r_i
+    squared = (vectors * vectors).sum(-1)
+    within = squared < cutoff * cutoff
+    np.fill_diagonal(within, False)
+    i, j = np.nonzero(within)
+    return i, j, np.zeros((len(i), 3)), np.sqrt(squared[i, j])
 
 
 def _vesin(atoms: Atoms, cutoff: float, quantities: str) -> tuple[np.ndarray, ...]:
