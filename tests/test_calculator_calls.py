@@ -20,7 +20,7 @@ from atomforge import (
 )
 from atomforge import keys as K
 from atomforge.data.graph import SMALL_OPEN_STRUCTURE, StructureBatcher, _vesin, neighbor_list
-from atomforge.model.calculator import _system_changes
+from atomforge.model.calculator import _all_finite, _system_changes
 from atomforge.model.modelfile import build_potential
 
 CUTOFF = 4.0
@@ -124,6 +124,16 @@ def test_calculator_results_equal_the_model_on_a_fresh_batch(registry, dtype: st
         assert np.array_equal(atoms.get_potential_energies(), out[K.NODE_ENERGY].double().numpy())
         if atoms.pbc.all():
             assert np.array_equal(atoms.get_stress(voigt=False), out[K.STRESS][0].double().numpy())
+
+
+def test_the_quick_finiteness_check_never_passes_a_nan_or_inf() -> None:
+    finite = (1.0, np.ones((9, 3)), np.zeros(0))
+    assert _all_finite(*finite)
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not _all_finite(*finite, np.array([[0.0, bad]]))
+        assert not _all_finite(bad, *finite)
+    assert not _all_finite(np.array([np.inf, -np.inf]))  # inf - inf: NaN, still caught
+    assert not _all_finite(np.array([1e308, 1e308]))  # an overflow: the exact check decides
 
 
 def test_non_finite_results_are_refused_naming_the_structure(registry) -> None:

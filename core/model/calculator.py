@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,7 @@ class AtomforgeCalculator(Calculator):
             if key in out:
                 value = out[key].detach().cpu().double().numpy()
                 results[key] = float(value[0]) if key != K.FORCES_STD else value
-        if not (np.isfinite(stress).all() and all(np.isfinite(value).all() for value in results.values())):
-            # the numpy copies hold a NaN/inf: name the culprits (raises; the formula only now)
+        if not _all_finite(stress, *results.values()):  # name the NaN/inf outputs (raises; the formula only now)
             check_finite_outputs(out, batch, where=f"{len(self.atoms)}-atom {self.atoms.get_chemical_formula()}")
         if want_stress:
             results["stress"] = full_3x3_to_voigt_6_stress(stress)
@@ -116,6 +116,14 @@ class AtomforgeCalculator(Calculator):
         finite float arrays (ASE's ``np.allclose`` costs ~15 µs an array, a quarter of a small
         molecule's host-side time)."""
         return _system_changes(self.atoms, atoms, tol, set(self.ignored_changes))
+
+
+def _all_finite(*values: float | np.ndarray) -> bool:
+    """``True`` only if every entry of ``values`` (floats, arrays) is finite, from one sum (a NaN
+    or inf anywhere makes it NaN or inf); ``False`` also when finite entries overflow the sum,
+    which only sends the caller on to the exact check (:func:`check_finite_outputs`)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow, inf - inf: caught below
+        return math.isfinite(sum(value if isinstance(value, float) else float(value.sum()) for value in values))
 
 
 def _system_changes(before: Atoms | None, atoms: Atoms, tol: float, excluded: set[str]) -> list[str]:
