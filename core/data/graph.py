@@ -53,9 +53,9 @@ def neighbor_list(
 
 
 def _all_pairs(positions: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """vesin's neighbour list of an open structure by testing all pairs: squared distance below
-    ``cutoff²`` (vesin's test, with its arithmetic: the same pairs and distances, bit for bit),
-    ordered by (i, j), which is also vesin's order for a structure less than two cutoffs across."""
+    """vesin's neighbour list of an open structure, by testing all pairs: the pairs whose squared
+    distance is below ``cutoff²`` (vesin's test and arithmetic), ordered by (i, j), which is also
+    vesin's order for a structure less than two cutoffs across (one cell of its cell list)."""
     vectors = positions[None, :, :] - positions[:, None, :]  # [i, j]: r_j - r_i
     squared = (vectors * vectors).sum(-1)
     within = squared < cutoff * cutoff
