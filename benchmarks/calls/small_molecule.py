@@ -184,7 +184,8 @@ def table(rounds: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             row["max_rel_diff"] = relative_difference(ref, now)
         rows[key] = row
     head = "".join(f"{side + ' cpu/wall ms':>26s}" for side in sides)
-    print(f"\n{'system model':28s}{head}" + (f"{'speed-up (cpu)':>16s}{'max rel diff':>14s}" if len(sides) == 2 else ""))
+    tail = f"{'speed-up (cpu)':>16s}{'max rel diff':>14s}" if len(sides) == 2 else ""
+    print(f"\n{'system model':28s}{head}{tail}")
     for key, row in rows.items():
         line = f"{key:28s}" + "".join(f"{row[s]['cpu_ms']:>15.3f} /{row[s]['wall_ms']:>9.3f}" for s in sides)
         if len(sides) == 2:

@@ -32,7 +32,9 @@ class AtomforgeCalculator(Calculator):
     """Energy, free energy, forces and (for 3D-periodic cells) stress from an atomforge model.
 
     The calculator works on its own copy of the model with parameter gradients switched off, so
-    that autograd only tracks positions and strain.
+    that autograd only tracks positions and strain. Call after call on one moving system (MD,
+    relaxation) it rebuilds positions and the neighbour list and reuses the tensors of what did
+    not change (numbers, cell, pbc, metadata: :class:`~atomforge.data.graph.StructureBatcher`).
 
     With a UQ head (``uq`` in the model file, see ``docs/uq.md``) it also reports, calibrated:
     ``energy_std`` (eV, float), ``forces_std`` (eV/Å, [N]: the std of each force component of
