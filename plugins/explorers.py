@@ -31,6 +31,7 @@ from atomforge import (
     ConfigError,
     DataValidationError,
     ExplorerSpec,
+    OracleFailure,
     hookimpl,
     read_candidates,
     structure_hash,
@@ -120,7 +121,8 @@ class MDExplorer:
             dyn.run(self.steps)
         except _StopTrajectory:
             pass
-        except DataValidationError as error:  # the dynamics blew up (e.g. overlapping atoms)
+        except (DataValidationError, OracleFailure) as error:  # the dynamics blew up (e.g. overlapping
+            # atoms), or an oracle driving them failed even after its retries (distillation teachers)
             _log.warning("md explorer: trajectory at %g K stopped at step %d: %s", temperature, dyn.nsteps, error)
         return frames
 

@@ -261,6 +261,7 @@ def test_the_distill_command_runs_and_tracks_the_teacher(teacher_file, tmp_path,
     run = next(r for r in runs if "distill.teacher.sha256" in r.data.params)
     assert run.data.params["distill.teacher.kind"] == "model"
     assert "distill.test.student.forces_mae" in run.data.metrics and "distill.call_seconds.speedup" in run.data.metrics
+    assert run.info.run_name == "run-student"  # named after the distill output, not a bare "student"
 
 
 def test_a_direct_force_teacher_gets_a_conservative_student_with_both_physics_reported(teacher_file, reg,
@@ -282,3 +283,35 @@ def test_a_direct_force_teacher_gets_a_conservative_student_with_both_physics_re
     assert physics["teacher"]["physics_curl_relative"] > 1e-3
     assert physics["student"]["physics_curl_relative"] < 1e-5
     assert {"physics_nve_energy_drift", "physics_md_stable_ps"} <= set(physics["teacher"]) & set(physics["student"])
+
+
+def test_an_oracle_as_calculator_retries_then_fails_with_a_clear_error() -> None:
+    """The teacher's MD runs an oracle through ``OracleCalculator``: a failed call is retried
+    (``teacher.retries``), and one that keeps failing raises ``OracleFailure`` naming the
+    oracle's error (the md explorer then ends that trajectory), never a bare exception."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from atomforge import OracleFailure
+    from atomforge.exploration.oracle import OracleCalculator
+
+    class Flaky:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        def label(self, atoms):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError("SCF did not converge")
+            atoms.calc = EMT()
+            atoms.get_forces()
+            return atoms
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    flaky = Flaky(failures=1)
+    atoms.calc = OracleCalculator(flaky, retries=1)
+    assert atoms.get_forces().shape == (4, 3) and flaky.calls == 2
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = OracleCalculator(Flaky(failures=5), retries=1)
+    with pytest.raises(OracleFailure, match="SCF did not converge"):
+        atoms.get_forces()

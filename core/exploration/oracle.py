@@ -280,18 +280,27 @@ def label_safely(oracle: Oracle, atoms: Atoms, *, key: str = "", timeout: float 
 class OracleCalculator(Calculator):
     """An oracle as an ASE calculator (one label per call), so dynamics can run with an oracle
     that has no calculator of its own (e.g. ``pyscf``): the distillation teacher's MD and the
-    stability suite's reference MD. Stress is passed on when the oracle gives one."""
+    stability suite's reference MD. Stress is passed on when the oracle gives one.
+
+    Every call goes through :func:`label_safely` (``timeout`` seconds per attempt, ``retries``
+    more attempts, the result validated); a call that still fails raises :class:`OracleFailure`
+    naming the oracle's error, which ends that trajectory in the explorers."""
 
     implemented_properties = ["energy", "forces", "stress"]
 
-    def __init__(self, oracle: Any, **kwargs: Any) -> None:
+    def __init__(self, oracle: Any, *, timeout: float | None = None, retries: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.oracle = oracle
+        self.timeout = timeout
+        self.retries = retries
 
     def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
                   system_changes: Sequence[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        labelled = self.oracle.label(self.atoms.copy())
+        result = label_safely(self.oracle, self.atoms.copy(), timeout=self.timeout, retries=self.retries)
+        if not result.ok:
+            raise OracleFailure(f"the oracle failed during dynamics: {result.error}")
+        labelled = result.atoms
         self.results = {"energy": float(labelled.get_potential_energy()), "forces": np.array(labelled.get_forces())}
         try:
             self.results["stress"] = np.array(labelled.get_stress())

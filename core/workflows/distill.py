@@ -214,7 +214,8 @@ class Teacher:
         else:
             options = {k: v for k, v in spec["oracle"].items() if k != "name"}
             self.oracle = registry.get(PluginKind.ORACLE, spec["oracle"]["name"]).factory(**options)
-            self.calculator = OracleCalculator(self.oracle)
+            self.calculator = OracleCalculator(self.oracle, timeout=spec.get("timeout"),
+                                               retries=int(spec.get("retries", 0)))
             self.autograd = False
 
     def identity(self) -> dict[str, Any]:
@@ -432,9 +433,20 @@ def student_config(config: DistillConfig, labels: Path) -> dict[str, Any]:
     data: dict[str, Any] = {"train": {"source": "ase", "path": str(labels)}, "valid_fraction": config.valid_fraction}
     if config.test is not None:
         data["test"] = {"source": config.test.source, **config.test.options}
-    raw.update({"data": data, "output": str(config.output / "student"), "tracking": config.tracking})
+    raw.update({"data": data, "output": str(config.output / "student"), "tracking": _student_tracking(config)})
     raw.setdefault("training", {}).setdefault("seed", config.seed)
     return raw
+
+
+def _student_tracking(config: DistillConfig) -> Any:
+    """The distill run's tracking, with the student's run named ``<output folder>-student`` (not
+    plain ``student``, so several students can be told apart in one store) unless a name is given."""
+    tracking = config.tracking
+    if isinstance(tracking, str):
+        tracking = {"name": tracking}
+    if not isinstance(tracking, Mapping) or tracking.get("name", "mlflow") in ("none", None):
+        return config.tracking
+    return {"run_name": f"{config.output.name}-student", **tracking}
 
 
 def call_seconds(calculator: Calculator, atoms: Atoms, calls: int = 20) -> float:
@@ -522,7 +534,7 @@ def _log_to_student_run(config: DistillConfig, registry: Registry, summary: Mapp
         return
     student = config_from_dict(student_config(config, Path(summary["labels"])), config.base_dir)
     tracker = make_tracker(registry, student)
-    tracker.start(run_name="student", resume_run_id=run_id)
+    tracker.start(run_name=student.tracking.run_name or "student", resume_run_id=run_id)
     try:
         params = {"distill.teacher": summary["teacher"], "distill.sampling": config.sampling,
                   "distill.hessian_rows": config.hessian_rows, "distill.configurations": summary["configurations"]}
