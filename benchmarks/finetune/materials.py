@@ -136,7 +136,7 @@ def run_job(job: dict, out: str) -> dict:
         raw = dict(job["raw"])
         if raw["training"]["max_time"] is None:
             raw["training"] = {k: v for k, v in raw["training"].items() if k not in ("max_time", "scheduler")}
-        train(config_from_dict({**raw, "output": str(run_dir), "tracking": "none"}), make_registry(), verbose=False)
+        train(config_from_dict({**raw, "output": str(run_dir), "tracking": {"name": "mlflow", "experiment": "issue18-materials", "run_name": job["name"].replace("/", "-"), "tracking_uri": f"sqlite:///{Path(out) / 'mlflow.db'}"}}), make_registry(), verbose=False)
     seconds = time.perf_counter() - started
     calc = AtomforgeCalculator(load_model(run_dir / "model.pt"))
     return {"name": job["name"], "train_seconds": seconds,

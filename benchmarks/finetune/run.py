@@ -149,7 +149,7 @@ def run_job(job: dict, out: str, evaluate: bool = True) -> dict:
     started = time.perf_counter()
     if not model_path.exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # a killed run starts over
-        raw = {**job["raw"], "output": str(run_dir), "tracking": "none"}
+        raw = {**job["raw"], "output": str(run_dir), "tracking": {"name": "mlflow", "experiment": "issue18-finetune", "run_name": job["name"].replace("/", "-"), "tracking_uri": f"sqlite:///{Path(out) / 'mlflow.db'}"}}
         train(config_from_dict(raw), make_registry(), verbose=False)
     return {"name": job["name"], "train_seconds": time.perf_counter() - started,
             "errors": evaluate_arm(model_path, job["name"]) if evaluate else {}}
