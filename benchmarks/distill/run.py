@@ -173,7 +173,7 @@ def summary(args: argparse.Namespace) -> None:
         physics = evals.get("physics") or {}
         for who in ("teacher", "student"):
             p = physics.get(who, {})
-            lines.append(f"\nconservation {seed} {who}: NVE drift {p.get('physics_nve_energy_drift')} eV/atom/ps, "
+            lines.append(f"\nconservation {seed} {who}: NVE drift {p.get('physics_nve_energy_drift')} meV/atom/ps, "
                          f"stable {p.get('physics_md_stable_ps')} ps, curl_relative {p.get('physics_curl_relative')}")
     (args.report / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
